@@ -1,0 +1,4 @@
+"""Benchmark harness for tmtguard (see benchmarks/README.md).
+
+Run everything with ``python3 benchmarks/run.py`` (or ``python -m benchmarks.run``).
+"""

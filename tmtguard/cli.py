@@ -1,0 +1,89 @@
+"""The ``tmtguard`` command. Each subcommand is a small function; the guard itself is not
+activated for the command's own process unless the subcommand needs it (``demo``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _check(args) -> int:
+    from .policy import AllowlistError, Policy
+
+    try:
+        policy = Policy.from_files(args.files, builtins=not args.no_builtins)
+    except AllowlistError as exc:
+        print(f"tmtguard check: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(effective(policy), indent=2) if args.format == "json" else render_yaml(policy))
+    print(f"# ok: {len(args.files)} file(s) valid; {len(policy.files)} layer(s) merged", file=sys.stderr)
+    return 0
+
+
+def effective(policy) -> dict:
+    base = policy.base
+    out = {
+        "version": 1,
+        "pickle": {"allow": sorted(f"{m}:{q}" for m, q in base.pickle)},
+        "imports": {"allow": sorted(base.imports)},
+        "network": {"allow": sorted(r.text for r in base.network)},
+        "process": {"allow": sorted(base.process)},
+        "files": {"allow": sorted(base.files)},
+        "code": {"allow": sorted(base.code)},
+        "remote_code": {"allow": [
+            {"repo": r.repo, "revision": r.revision, **({"files": {n: f"sha256:{d}" for n, d in r.files}} if r.files else {})}
+            for r in policy.remote_code]},
+        "artifacts": [
+            {"match": {k: v for k, v in (("sha256", s.match.sha256), ("path", s.match.path), ("repo", s.match.repo)) if v},
+             **{name: {"allow": sorted(_entries(s.section, name))} for name in ("pickle", "imports", "network", "process", "files", "code") if _entries(s.section, name)}}
+            for s in policy.scoped
+        ],
+    }
+    if base.network_process_wide:
+        out["network"]["process_wide"] = True
+    return out
+
+
+def _entries(section, name):
+    table = getattr(section, name)
+    if name == "pickle":
+        return [f"{m}:{q}" for m, q in table]
+    if name == "network":
+        return [r.text for r in table]
+    return list(table)
+
+
+def render_yaml(policy) -> str:
+    import yaml
+
+    header = "# effective tmtguard policy, merged from:\n" + "".join(f"#   {p}\n" for p in policy.files)
+    return header + yaml.safe_dump(effective(policy), sort_keys=False, default_flow_style=False)
+
+
+def _demo(args) -> int:
+    from . import demo
+
+    return demo.main(keep=args.keep)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tmtguard", description="Runtime defence against transitive model threats.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check", help="validate allowlist files and print the effective merged policy")
+    p.add_argument("files", nargs="+", help="allowlist YAML files")
+    p.add_argument("--no-builtins", action="store_true", help="do not layer the built-in allowlists underneath")
+    p.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser("demo", help="build a benign and a transitive malicious checkpoint and load both under the guard")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.set_defaults(func=_demo)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

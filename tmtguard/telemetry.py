@@ -1,0 +1,188 @@
+"""OpenTelemetry: a span per guarded load (``tmtguard.load``), a span event per decision.
+
+OpenTelemetry is imported on first use, not at start-up. Spans join the application's current
+trace and go to its global tracer provider, unless TMTGUARD_OTEL_EXPORTER picks tmtguard's own
+provider (console JSON on stderr, or OTLP/HTTP). tmtguard's own exporter runs as internal work, so
+its network traffic and files are never checked by tmtguard's guards.
+"""
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+
+_exporter_choice = "global"
+_tracer = None
+_provider = None
+_lock = threading.Lock()
+_trace = None  # the opentelemetry.trace module once imported
+_context = None
+
+
+def configure(exporter: str) -> None:
+    """Choose where spans go; takes effect for the next span."""
+    global _exporter_choice, _tracer
+    with _lock:
+        if exporter != _exporter_choice:
+            _shutdown_own_provider()
+            _exporter_choice = exporter
+            _tracer = None
+
+
+def _get_tracer():
+    global _tracer, _trace, _context, _provider
+    if _tracer is not None:
+        return _tracer
+    with _lock:
+        if _tracer is not None:
+            return _tracer
+        if _exporter_choice == "none":
+            _tracer = False
+            return _tracer
+        from opentelemetry import context, trace
+
+        _trace, _context = trace, context
+        if _exporter_choice == "global":
+            _tracer = trace.get_tracer("tmtguard")
+        else:
+            _provider = _own_provider(_exporter_choice)
+            _tracer = _provider.get_tracer("tmtguard")
+        return _tracer
+
+
+def _own_provider(kind: str):
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "tmtguard"}))
+    if kind == "console":
+        exporter = ConsoleSpanExporter(out=sys.stderr)
+        provider.add_span_processor(SimpleSpanProcessor(_InternalExporter(exporter)))
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        # Bounded: a receiver that is down or slow never holds the application up at exit.
+        exporter = OTLPSpanExporter(timeout=2)
+        provider.add_span_processor(
+            BatchSpanProcessor(_InternalExporter(exporter), max_queue_size=4096, export_timeout_millis=2000)
+        )
+    atexit.register(_shutdown_own_provider)
+    return provider
+
+
+def _shutdown_own_provider() -> None:
+    global _provider
+    provider, _provider = _provider, None
+    if provider is not None:
+        try:
+            provider.shutdown()
+        except Exception:
+            pass
+
+
+class _InternalExporter:
+    """Wraps an exporter so everything it does counts as tmtguard's own work."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def export(self, spans):
+        from . import provenance
+
+        with provenance.internal():
+            return self._inner.export(spans)
+
+    def shutdown(self):
+        from . import provenance
+
+        with provenance.internal():
+            return self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000):
+        flush = getattr(self._inner, "force_flush", None)
+        return flush(timeout_millis) if flush else True
+
+
+def start_load(frame, parent_chain) -> None:
+    tracer = _tracer if _tracer is not None else _get_tracer()
+    if not tracer:
+        return
+    try:
+        from . import provenance
+
+        with provenance.internal():
+            attrs = {"tmtguard.loader": frame.loader, "tmtguard.artifact": frame.artifact,
+                     "tmtguard.depth": len(parent_chain) + 1}
+            if frame.repo:
+                attrs["tmtguard.repo"] = frame.repo
+            span = tracer.start_span("tmtguard.load", attributes=attrs)
+            token = _context.attach(_trace.set_span_in_context(span))
+            frame.span = (span, token)
+    except Exception:
+        frame.span = None
+
+
+def end_load(frame, error) -> None:
+    held = frame.span
+    if held is None:
+        return
+    frame.span = None
+    span, token = held
+    try:
+        from . import provenance
+
+        with provenance.internal():
+            digest = frame._sha256
+            if digest:
+                span.set_attribute("tmtguard.sha256", digest)
+            if error is not None:
+                from .decision import Violation
+
+                from opentelemetry.trace import Status, StatusCode
+
+                if isinstance(error, Violation):
+                    span.set_status(Status(StatusCode.ERROR, str(error).splitlines()[0]))
+                else:
+                    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
+            span.end()
+            try:
+                _context.detach(token)
+            except Exception:
+                pass
+    except Exception:
+        pass
+
+
+def decision_event(frame, record: dict) -> None:
+    """Attach a decision to the innermost load's span (or the application's current span)."""
+    tracer = _tracer if _tracer is not None else _get_tracer()
+    if not tracer:
+        return
+    span = frame.span[0] if frame is not None and frame.span is not None else _trace.get_current_span()
+    import json
+
+    attrs = {
+        "tmtguard.action": record["action"],
+        "tmtguard.decision": record["decision"],
+        "tmtguard.target": record["target"],
+        "tmtguard.rule": record["rule"],
+        "tmtguard.mode": record["mode"],
+        "tmtguard.chain": json.dumps(record["chain"]),
+        "tmtguard.chain.artifacts": [f["artifact"] for f in record["chain"]],
+    }
+    if record.get("origin"):
+        attrs["tmtguard.origin"] = json.dumps(record["origin"])
+    span.add_event("tmtguard.decision", attributes=attrs)
+    if record["decision"] == "blocked":
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR, f"tmtguard blocked {record['action']} {record['target']}"))
+
+
+def force_flush() -> None:
+    if _provider is not None:
+        try:
+            _provider.force_flush(2000)
+        except Exception:
+            pass
