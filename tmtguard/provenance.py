@@ -321,3 +321,43 @@ def _lookup_distribution(filename: str) -> dict | None:
         return {"name": names[0], "version": md.version(names[0])}
     except Exception:
         return {"name": names[0], "version": None}
+
+
+# --- model code: code that came from an artifact, attributed whenever it runs ---------------------
+
+# filename -> chain of the load that brought the code in. Read by acting_chain() on every guarded
+# action outside a load, so the common case (no model code at all) is one empty-dict test.
+_model_code: dict = {}
+
+
+def register_model_code(filename: str, chain: tuple) -> None:
+    """Code in ``filename`` came from an artifact: actions it takes, now or at inference, carry ``chain``."""
+    _model_code[filename] = tuple(chain)
+
+
+def model_code_frame(skip: int = 1):
+    """(chain, python frame) of the innermost model code on the stack, or None."""
+    if not _model_code:
+        return None
+    f = sys._getframe(skip)
+    get = _model_code.get
+    while f is not None:
+        c = get(f.f_code.co_filename)
+        if c is not None:
+            return c, f
+        f = f.f_back
+    return None
+
+
+def acting_chain():
+    """The chain an action is attributed to: the current load's, else that of model code on the
+    stack, else None (application code, not policed by default)."""
+    c = _CHAIN.get()
+    if c:
+        return c
+    if _lazy.pending is not None:
+        return _materialize()
+    if not _model_code:
+        return None
+    found = model_code_frame(2)
+    return found[0] if found is not None else None
