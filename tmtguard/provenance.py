@@ -52,8 +52,13 @@ class LoadFrame:
         """sha256 of the artifact, computed once: of the bytes for an in-memory load, of the file
         (cached by device, inode, size and mtime) for a path. None when it cannot be known."""
         if self._sha256 is None:
-            if self._data is not None:
-                self._sha256 = hashlib.sha256(self._data).hexdigest()
+            data = self._data
+            if data is not None:
+                if hasattr(data, "getbuffer"):
+                    with data.getbuffer() as view:
+                        self._sha256 = hashlib.sha256(view).hexdigest()
+                else:
+                    self._sha256 = hashlib.sha256(data).hexdigest()
             elif self.path is not None:
                 self._sha256 = file_digest(self.path)
         return self._sha256
@@ -133,11 +138,13 @@ def describe_artifact(obj) -> tuple[str, str | None, bytes | None, int | None]:
     if isinstance(name, str) and name and not name.startswith("<"):
         path = os.path.abspath(name)
         return path, path, None, None
-    getvalue = getattr(obj, "getbuffer", None)
-    if getvalue is not None:
+    if getattr(obj, "getbuffer", None) is not None:
+        # An in-memory stream (torch.storage._load_from_bytes wraps bytes in BytesIO): keep a
+        # reference, hash lazily from its buffer, never copy it.
         try:
-            buf = obj.getbuffer()
-            return f"<bytes:{len(buf)}>", None, bytes(buf), len(buf)
+            with obj.getbuffer() as view:
+                n = view.nbytes
+            return f"<bytes:{n}>", None, obj, n
         except Exception:
             pass
     return f"<stream:{type(obj).__name__}>", None, None, None

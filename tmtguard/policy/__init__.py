@@ -28,7 +28,7 @@ CODE_RUNNING_MODULES = frozenset(
     code codeop pdb bdb profile cProfile trace timeit doctest pydoc webbrowser shutil socket ssl
     http urllib requests httpx ctypes cffi marshal pickle _pickle dill cloudpickle shelve types
     operator functools sys multiprocessing asyncio threading signal tempfile glob io _io
-    numpy.testing torch.jit torch.hub torch.package torch.utils.cpp_extension""".split()
+    numpy.testing torch.jit torch.hub torch.package torch.utils.cpp_extension torch.serialization""".split()
 )
 SAFE_BUILTINS = frozenset(
     """set frozenset list dict tuple bytearray bytes str int float complex bool slice range object
