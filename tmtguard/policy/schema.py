@@ -265,6 +265,7 @@ def parse(text: str, path: str) -> AllowlistFile:
         raise AllowlistError(f"{path}{line}: not valid YAML: {problem}") from None
     if root is None:
         raise AllowlistError(f"{path}: empty allowlist; it needs at least 'version: 1'")
+    _plain_tags_only(ctx, root)
     top = _mapping(ctx, root, "<top level>", ("version",) + _SECTION_KEYS + ("remote_code", "artifacts"))
     if "version" not in top:
         ctx.fail(root, "missing 'version: 1'")
@@ -302,6 +303,23 @@ def parse(text: str, path: str) -> AllowlistFile:
                 values["sha256"] = d.group(1).lower()
             scoped.append(Scoped(ArtifactMatch(**values), _section(ctx, items, f"{where}."), ctx.src(entry)))
     return AllowlistFile(path, base, scoped, remote)
+
+
+_PLAIN_TAGS = frozenset("tag:yaml.org,2002:" + t for t in ("map", "seq", "str", "int", "bool", "null", "float"))
+
+
+def _plain_tags_only(ctx: _Ctx, node) -> None:
+    """An allowlist is plain data: a YAML tag (!!python/object...) is refused wherever it stands."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.tag not in _PLAIN_TAGS:
+            ctx.fail(n, f"YAML tag {n.tag!r} is not allowed in an allowlist (plain data only)")
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                todo.extend((k, v))
+        elif isinstance(n, yaml.SequenceNode):
+            todo.extend(n.value)
 
 
 def _remote_code(ctx: _Ctx, node) -> list:
