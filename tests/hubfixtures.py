@@ -129,7 +129,16 @@ Other verified facts:
   the commit) down; get_cached_module_file uses ``revision.initial`` for its "new version" warning.
 * AutoModel.from_pretrained/from_config then ``cls.register(config.__class__, model_class,
   exist_ok=True)``; register only compares ``model_class.config_class.__name__`` to the config class's
-  __name__ -> a remote model class must define ``config_class``.
+  __name__ -> a remote model class must define ``config_class``. The registry
+  (``_LazyAutoMapping._extra_content``) is keyed by the config CLASS object. Observed call sequence
+  (counting wrappers): 1st ``AutoModel.from_pretrained("acme/tiny-model")`` -> configuration_auto's
+  get_class_from_dynamic_module(config) -> get_cached_module_file -> check_imports ->
+  get_class_in_module, then auto_factory's get_class_from_dynamic_module(model) -> same chain (plus a
+  recursive get_cached_module_file + check_imports per relative import not yet copied). A 2nd load of
+  the SAME repo in the same process still goes through the config chain (exec_module skipped: hash hit)
+  but NOT through auto_factory's get_class_from_dynamic_module: ``type(config)`` is registered, so
+  ``explicit_local_code`` is True and the registered class is used directly. ANOTHER repo with the same
+  model_type but its own remote config class does run its own code (different config class object).
 * ``from transformers import AutoConfig`` imports torch when torch is installed
   (configuration_utils -> modeling_rope_utils -> torch); remote AutoConfig code still works in an
   environment where torch is absent (see ``site_without``; tested in tests/test_hubfixtures.py).
@@ -141,6 +150,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +179,7 @@ __all__ = [
     "env_for",
     "clean_environ",
     "run_python",
+    "start_python",
     "site_without",
 ]
 
@@ -277,7 +288,6 @@ def hub_module_name(repo_id: str, commit: str, module: str) -> str:
 
 
 def _relative_imports(source: str) -> list[str]:
-    import re
     found = re.findall(r"^\s*import\s+\.(\S+)\s*$", source, flags=re.MULTILINE)
     found += re.findall(r"^\s*from\s+\.(\S+)\s+import", source, flags=re.MULTILINE)
     return sorted(set(found))
@@ -751,6 +761,21 @@ def run_python(
     return subprocess.run(
         [sys.executable, *python_args, "-c", code],
         env=clean_environ(env), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def start_python(
+    code: str,
+    env: dict[str, str] | None = None,
+    *,
+    cwd: str | os.PathLike | None = None,
+    python_args: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    """Like ``run_python`` but returns the running ``Popen`` (stdout/stderr piped, text): start several
+    fresh interpreters at once and ``communicate()`` later (each pays ~5-8 s of torch/transformers import)."""
+    return subprocess.Popen(
+        [sys.executable, *python_args, "-c", code],
+        env=clean_environ(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
