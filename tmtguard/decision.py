@@ -6,6 +6,7 @@ in ``enforce``, raises the guard's :class:`Violation` subclass.
 """
 from __future__ import annotations
 
+import errno
 import pickle
 
 from . import events, provenance
@@ -29,6 +30,17 @@ class PickleViolation(Violation, pickle.UnpicklingError):
 
 class GuardError(Violation):
     """tmtguard could not decide (an internal failure): in ``enforce`` that is a refusal."""
+
+
+class NetworkViolation(Violation, ConnectionRefusedError):
+    """A connect, send or name lookup no network rule permits. Also a ``ConnectionRefusedError``
+    (``errno`` is ``ECONNREFUSED``), so network code's ``except OSError`` / ``ConnectionError``
+    handling (urllib, http.client, urllib3, asyncio) treats it as a refused connection."""
+
+    def __init__(self, message: str, decision=None):
+        super().__init__(message, decision)
+        self.errno = errno.ECONNREFUSED
+        self.strerror = message.split("\n", 1)[0]
 
 
 class Decision:

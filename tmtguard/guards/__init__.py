@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("pickle", "loaders")
+NAMES = ("pickle", "loaders", "network")
 
 
 def modules():

@@ -138,6 +138,18 @@ class Policy:
                     return src
         return None
 
+    def network_name_allowed(self, host: str, chain) -> Source | None:
+        """A rule naming ``host`` on some port: what a name lookup that names no port needs."""
+        for section in [self.base] + self.sections_for(chain):
+            for rule, src in section.network.items():
+                if rule.matches_host(host):
+                    return src
+        return None
+
+    def network_rules(self, chain) -> list:
+        """Every (NetRule, Source) that applies to ``chain``, for a refusal to say what is allowed."""
+        return [(rule, src) for section in [self.base] + self.sections_for(chain) for rule, src in section.network.items()]
+
     def process_allowed(self, executable: str, chain) -> Source | None:
         name = os.path.basename(executable)
         for section in [self.base] + self.sections_for(chain):
@@ -219,6 +231,8 @@ def suggestion(section: str, entry: str, frame=None, *, digest: str | None = Non
         else:
             match = None
         if match:
-            scoped = ["artifacts:", f"  - match: {{{match}}}", f"    {section}:", "      allow:", f"        - {entry}"]
+            # network entries can start with '*' or '[' (YAML syntax): quote them
+            item = repr(entry) if section == "network" else entry
+            scoped = ["artifacts:", f"  - match: {{{match}}}", f"    {section}:", "      allow:", f"        - {item}"]
             text += "\n# or, only for this artifact:\n" + "\n".join(scoped)
     return text

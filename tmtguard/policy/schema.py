@@ -54,17 +54,43 @@ class NetRule:
             return port is None and host == self.value
         if port is None or (self.port is not None and port != self.port):
             return False
+        return self.matches_host(host)
+
+    def matches_host(self, host: str) -> bool:
+        """True when the rule names ``host`` on some port: what a name lookup that names no port
+        needs. A name matches name rules only, an address matches CIDR rules only (an IPv4-mapped
+        IPv6 address also matches the IPv4 rule); ``unix:`` rules never match a host."""
         if self.kind == "any":
             return True
         if self.kind == "host":
-            return host.lower().rstrip(".") == self.value
+            return host_key(host) == self.value
         if self.kind == "suffix":
-            h = host.lower().rstrip(".")
+            h = host_key(host)
             return h.endswith(self.value) and len(h) > len(self.value)
+        if self.kind != "cidr":
+            return False
         try:
-            return ipaddress.ip_address(host.split("%", 1)[0]) in self.value
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
             return False
+        if ip in self.value:
+            return True
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return mapped is not None and mapped in self.value
+
+
+def host_key(host: str) -> str:
+    """A host name as rules compare it: lower case, no trailing dot, IDNA (punycode) for non-ASCII."""
+    h = host.lower().rstrip(".")
+    if not h.isascii():
+        try:
+            h = ".".join(label.encode("idna").decode("ascii") if label else "" for label in h.split("."))
+        except UnicodeError:
+            pass
+    return h
+
+
+_HOST_NAME = re.compile(r"^(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*$")
 
 
 @dataclass(frozen=True)
@@ -190,6 +216,8 @@ def parse_net_rule(text: str) -> NetRule:
         host, sep, port_text = text.rpartition(":")
         if not sep or not host:
             raise ValueError("a network rule is host:port, host:*, *.domain:port, CIDR:port, [v6]:port or unix:/path")
+        if ":" in host:
+            raise ValueError("write an IPv6 address or network in brackets: [::1]:8080, [fd00::/8]:*")
     if port_text == "*":
         port = None
     elif port_text.isdigit() and 0 < int(port_text) < 65536:
@@ -202,7 +230,9 @@ def parse_net_rule(text: str) -> NetRule:
         suffix = host[1:].lower()
         if "*" in suffix or len(suffix) < 2:
             raise ValueError("a wildcard host is written *.domain")
-        return NetRule(text, "suffix", suffix, port)
+        if not _HOST_NAME.match(host_key(suffix[1:])):
+            raise ValueError(f"{suffix[1:]!r} is not a host name")
+        return NetRule(text, "suffix", "." + host_key(suffix[1:]), port)
     if "*" in host:
         raise ValueError("'*' may only stand alone or lead a domain (*.example.com)")
     try:
@@ -212,7 +242,9 @@ def parse_net_rule(text: str) -> NetRule:
     except ValueError:
         if "/" in host or ":" in host:
             raise ValueError(f"{host!r} is not an IP address or network") from None
-    return NetRule(text, "host", host.lower().rstrip("."), port)
+    if not _HOST_NAME.match(host_key(host)):
+        raise ValueError(f"{host!r} is not a host name, IP address or network")
+    return NetRule(text, "host", host_key(host), port)
 
 
 _SECTION_KEYS = ("pickle", "imports", "network", "process", "files", "code")
