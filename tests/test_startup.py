@@ -57,7 +57,9 @@ def test_audit_from_the_environment_records_and_goes_on(tmp_path, evil, marker):
     out = run_python(LOAD_EVIL.format(path=str(evil)), cwd=tmp_path,
                      env=subprocess_env(TMTGUARD_MODE="audit", TMTGUARD_EVENTS=events))
     assert "LOADED" in out.stdout and marker.exists()
-    assert json.loads(events.read_text())["decision"] == "audited"
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    assert {r["decision"] for r in records} == {"audited"}
+    assert records[0]["action"] == "pickle.global" and records[0]["target"] == "posix:system"
 
 
 def test_off_disables_even_an_explicit_import(tmp_path, evil, marker):

@@ -1,10 +1,10 @@
 """Who is acting: the chain of nested loads (per thread and per asyncio task), and the code and
 installed distribution that asked.
 
-A top-level ``pickle.loads`` of plain data never needs a frame, so those loads record a *pending*
-frame in a thread-local (two attribute writes) and materialize it only when something needs the
-chain: a decision beyond the global allowlist, or a nested load. Container loaders (``torch.load``,
-``numpy.load``, ``joblib.load``) and every nested load push a frame eagerly.
+A top-level ``pickle.loads`` of plain data never needs a frame, so those loads keep no state and
+their frame is materialized (from the wrapper's arguments on the stack) only when something needs
+the chain: a decision beyond the built-in allowlist, or a nested load. Container loaders
+(``torch.load``, ``numpy.load``, ``joblib.load``) and every nested load push a frame eagerly.
 """
 from __future__ import annotations
 
@@ -153,20 +153,30 @@ def describe_artifact(obj) -> tuple[str, str | None, bytes | None, int | None]:
 # --- the chain --------------------------------------------------------------------------------
 
 
-class _Lazy(threading.local):
-    pending = None  # (loader, obj) of a top-level load that has not yet needed a frame
-    token = None
-    frame = None
+class _Local(threading.local):
     internal = 0  # >0 while tmtguard does its own work (sinks, hashing): guards stand aside
+    pending = None  # always None: top-level loads are lazy without per-thread state (see below)
 
 
-_lazy = _Lazy()
+_local = _Local()
+_lazy = _local  # the name the guards' inline fast-path tests use
+
+# Lazy frames. A top-level pickle.loads/pickle.load keeps no state at all on its fast path: its wrapper
+# function's code object is registered here, and when something needs the chain (a decision beyond
+# the built-in allowlist, a nested load) the stack is walked for those wrapper frames, whose
+# arguments give the artifact. The wrapper closes a materialized frame when it returns.
+_LAZY_CODES: dict = {}  # code object of a lazy wrapper -> (loader name, argument name)
+_materialized: dict = {}  # id(python frame of the wrapper) -> (LoadFrame, token)
+
+
+def register_lazy_loader(code, loader: str, argname: str) -> None:
+    _LAZY_CODES[code] = (loader, argname)
 
 
 def chain() -> tuple:
-    """The current chain of loads, outermost first. Materializes a pending top-level load."""
+    """The current chain of loads, outermost first (materializing lazy top-level loads)."""
     c = _CHAIN.get()
-    if c or _lazy.pending is None:
+    if c or not _LAZY_CODES:
         return c
     return _materialize()
 
@@ -177,38 +187,33 @@ def peek() -> tuple:
 
 
 def active() -> bool:
-    return bool(_CHAIN.get()) or _lazy.pending is not None
+    return bool(chain())
 
 
 def _materialize() -> tuple:
-    loader, obj = _lazy.pending
-    _lazy.pending = None
-    label, path, data, size = describe_artifact(obj)
-    frame = LoadFrame(loader, label, path=path, data=data, size=size)
-    telemetry.start_load(frame, ())
-    _lazy.frame = frame
-    _lazy.token = _CHAIN.set((frame,))
-    return (frame,)
+    found = []
+    f = sys._getframe(2)
+    get = _LAZY_CODES.get
+    while f is not None:
+        spec = get(f.f_code)
+        if spec is not None and id(f) not in _materialized:
+            found.append((f, spec))
+        f = f.f_back
+    c = _CHAIN.get()
+    for f, (loader, argname) in reversed(found):  # outermost first
+        label, path, data, size = describe_artifact(f.f_locals.get(argname))
+        frame = LoadFrame(loader, label, path=path, data=data, size=size)
+        telemetry.start_load(frame, c)
+        c = c + (frame,)
+        _materialized[id(f)] = (frame, _CHAIN.set(c))
+    return c
 
 
-def begin_pending(loader: str, obj) -> bool:
-    """Record a top-level load without a frame. False when the caller must push a real frame."""
-    if _CHAIN.get():
-        return False
-    if _lazy.pending is not None:
-        # a nested load whose parent had not needed a frame yet: it needs one now
-        _materialize()
-        return False
-    _lazy.pending = (loader, obj)
-    return True
-
-
-def end_pending(error: BaseException | None) -> None:
-    _lazy.pending = None
-    frame = _lazy.frame
-    if frame is not None:
-        token = _lazy.token
-        _lazy.frame = _lazy.token = None
+def close_lazy(pyframe, error: BaseException | None) -> None:
+    """Called by a lazy wrapper on return when frames were materialized: closes its own, if any."""
+    held = _materialized.pop(id(pyframe), None)
+    if held is not None:
+        frame, token = held
         _CHAIN.reset(token)
         telemetry.end_load(frame, error)
 
@@ -246,17 +251,17 @@ class _internal_work:
     __slots__ = ()
 
     def __enter__(self):
-        _lazy.internal += 1
+        _local.internal += 1
 
     def __exit__(self, *exc):
-        _lazy.internal -= 1
+        _local.internal -= 1
 
 
 internal = _internal_work
 
 
 def is_internal() -> bool:
-    return _lazy.internal > 0
+    return _local.internal > 0
 
 
 # --- origin: the code and distribution that asked -----------------------------------------------
@@ -267,23 +272,42 @@ _STDLIB = os.path.dirname(os.__file__) + os.sep
 
 
 def origin(skip: int = 1) -> dict | None:
-    """The innermost frame that is not tmtguard's (nor import machinery), with its distribution."""
+    """The code that acted: the innermost frame outside tmtguard and the standard library (which only
+    carries out what it was asked: ``subprocess``, ``shutil``, ``importlib``...), falling back to the
+    innermost frame outside tmtguard; with its installed distribution. When model code is on the
+    stack and is not that frame itself, ``model_code`` names the model code's file and line too."""
     f = sys._getframe(skip)
+    first = None
     while f is not None:
         filename = f.f_code.co_filename
-        if not filename.startswith(_OWN_DIR) and not filename.startswith("<frozen importlib"):
-            break
+        if not filename.startswith(_OWN_DIR):
+            if first is None:
+                first = f
+            if not _stdlib_file(filename):
+                break
         f = f.f_back
+    f = f or first
     if f is None:
         return None
     filename = f.f_code.co_filename
-    return {
+    out = {
         "module": f.f_globals.get("__name__"),
         "file": filename,
         "line": f.f_lineno,
         "function": f.f_code.co_name,
         "distribution": distribution_of(filename),
     }
+    found = model_code_frame(skip + 1) if _model_code else None
+    if found is not None and found[1] is not f:
+        m = found[1]
+        out["model_code"] = {"file": m.f_code.co_filename, "line": m.f_lineno, "function": m.f_code.co_name}
+    return out
+
+
+def _stdlib_file(filename: str) -> bool:
+    if filename.startswith("<frozen"):
+        return True
+    return filename.startswith(_STDLIB) and "site-packages" not in filename and "dist-packages" not in filename
 
 
 def distribution_of(filename: str) -> dict | None:
@@ -332,14 +356,72 @@ def _lookup_distribution(filename: str) -> dict | None:
 
 # --- model code: code that came from an artifact, attributed whenever it runs ---------------------
 
-# filename -> chain of the load that brought the code in. Read by acting_chain() on every guarded
-# action outside a load, so the common case (no model code at all) is one empty-dict test.
+# filename (or id() of a code object) -> chain of the load that brought the code in. Read by
+# acting_chain() on every guarded action outside a load, so the common case (no model code at all)
+# is one empty-dict test. Never rebound: guards bind it once.
 _model_code: dict = {}
+# Folders holding model code (a torch hub folder, a remote-code module folder): modules imported from
+# them are model code too. realpath + os.sep -> chain.
+_model_folders: dict = {}
+# Code objects registered by id() stay alive here, so an id is never reused while registered.
+_model_code_objects: list = []
+
+
+class _Registered:
+    code_objects = False  # any code object registered: the stack walk then also looks up id(f_code)
+
+
+_registered = _Registered()
 
 
 def register_model_code(filename: str, chain: tuple) -> None:
-    """Code in ``filename`` came from an artifact: actions it takes, now or at inference, carry ``chain``."""
-    _model_code[filename] = tuple(chain)
+    """Code in ``filename`` came from an artifact: actions it takes, now or at inference, carry ``chain``.
+    For a real file outside the interpreter's installation, its folder becomes a model-code folder
+    (its sibling modules, imported from it, are model code as well)."""
+    chain = tuple(chain)
+    _model_code[filename] = chain
+    if os.path.isabs(filename) and not filename.startswith("<"):
+        real = os.path.realpath(filename)
+        if real != filename:
+            _model_code[real] = chain
+        folder = os.path.dirname(real)
+        if os.path.isfile(real) and not _installation_path(folder):
+            register_model_folder(folder, chain)
+
+
+def register_model_folder(folder: str, chain: tuple) -> None:
+    """Everything under ``folder`` came from an artifact (a torch hub folder, a remote-code snapshot)."""
+    real = os.path.realpath(folder).rstrip(os.sep) + os.sep
+    if real == os.sep or _installation_path(real):
+        return  # never the filesystem root, the stdlib or site-packages
+    _model_folders.setdefault(real, tuple(chain))
+
+
+def register_model_code_object(code, chain: tuple) -> None:
+    """A code object built from an artifact (a pickled function, marshal, ``types.CodeType``) and the
+    functions nested in it: wherever they run, they are model code of ``chain``. Keyed by identity,
+    not by ``co_filename``, which such code can set to anything."""
+    chain = tuple(chain)
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        key = id(c)
+        if key in _model_code:
+            continue
+        _model_code_objects.append(c)
+        _model_code[key] = chain
+        todo.extend(k for k in c.co_consts if isinstance(k, type(c)))
+    _registered.code_objects = True
+
+
+def model_folder_chain(path: str):
+    """The chain of the model-code folder holding ``path`` (a real path), or None."""
+    if not _model_folders:
+        return None
+    for folder, chain in _model_folders.items():
+        if path.startswith(folder):
+            return chain
+    return None
 
 
 def model_code_frame(skip: int = 1):
@@ -348,8 +430,12 @@ def model_code_frame(skip: int = 1):
         return None
     f = sys._getframe(skip)
     get = _model_code.get
+    by_id = _registered.code_objects
     while f is not None:
-        c = get(f.f_code.co_filename)
+        code = f.f_code
+        c = get(code.co_filename)
+        if c is None and by_id:
+            c = get(id(code))
         if c is not None:
             return c, f
         f = f.f_back
@@ -362,9 +448,43 @@ def acting_chain():
     c = _CHAIN.get()
     if c:
         return c
-    if _lazy.pending is not None:
-        return _materialize()
     if not _model_code:
         return None
     found = model_code_frame(2)
     return found[0] if found is not None else None
+
+
+# --- the interpreter's installation: where installed, trusted code and data live -----------------
+
+_install_roots = None
+
+
+def installation_roots() -> tuple:
+    """Real paths (with a trailing separator) of the stdlib and site-packages folders."""
+    global _install_roots
+    if _install_roots is None:
+        import site
+        import sysconfig
+
+        roots = set()
+        paths = sysconfig.get_paths()
+        for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+            if paths.get(key):
+                roots.add(paths[key])
+        try:
+            roots.update(site.getsitepackages())
+        except Exception:
+            pass
+        user = getattr(site, "USER_SITE", None)
+        if user:
+            roots.add(user)
+        for entry in sys.path:
+            if entry and os.path.basename(entry.rstrip(os.sep)) in ("site-packages", "dist-packages"):
+                roots.add(entry)
+        _install_roots = tuple(sorted({os.path.realpath(r).rstrip(os.sep) + os.sep for r in roots}))
+    return _install_roots
+
+
+def _installation_path(path: str) -> bool:
+    path = path if path.endswith(os.sep) else path + os.sep
+    return any(path.startswith(root) for root in installation_roots())

@@ -17,6 +17,7 @@ The allowed path is one frozenset lookup of the (module, qualname) tuple the eve
 from __future__ import annotations
 
 import pickle
+import sys
 import _pickle
 
 from .. import _unpatched, decision, provenance
@@ -30,7 +31,6 @@ _wrapped: list = []  # (class, original find_class) we wrapped, for uninstall
 
 _c_loads = _unpatched.c_loads
 _c_load = _unpatched.c_load
-_lazy = provenance._lazy
 
 
 def check(module, name) -> None:
@@ -92,30 +92,41 @@ def _framed(loader, obj, fn, args, kwargs):
     return result
 
 
-def _pending(loader, obj, fn, args, kwargs):
-    # Fast path for a top-level load: no frame unless a decision or a nested load needs one.
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:
-        provenance.end_pending(exc)
-        raise
-    if _lazy.frame is None:
-        _lazy.pending = None
-    else:
-        provenance.end_pending(None)
-    return result
+_chain_get = provenance._CHAIN.get
+_materialized = provenance._materialized
 
 
 def loads(data, /, *args, **kwargs):
-    if provenance.begin_pending("pickle.loads", data):
-        return _pending("pickle.loads", data, _c_loads, (data,) + args, kwargs)
-    return _framed("pickle.loads", data, _c_loads, (data,) + args, kwargs)
+    if _chain_get():
+        return _framed("pickle.loads", data, _c_loads, (data,) + args, kwargs)
+    # Top level: no frame unless a decision or a nested load needs one (see provenance.chain()).
+    try:
+        result = _c_loads(data, *args, **kwargs)
+    except BaseException as exc:
+        if _materialized:
+            provenance.close_lazy(sys._getframe(), exc)
+        raise
+    if _materialized:
+        provenance.close_lazy(sys._getframe(), None)
+    return result
 
 
 def load(file, /, *args, **kwargs):
-    if provenance.begin_pending("pickle.load", file):
-        return _pending("pickle.load", file, _c_load, (file,) + args, kwargs)
-    return _framed("pickle.load", file, _c_load, (file,) + args, kwargs)
+    if _chain_get():
+        return _framed("pickle.load", file, _c_load, (file,) + args, kwargs)
+    try:
+        result = _c_load(file, *args, **kwargs)
+    except BaseException as exc:
+        if _materialized:
+            provenance.close_lazy(sys._getframe(), exc)
+        raise
+    if _materialized:
+        provenance.close_lazy(sys._getframe(), None)
+    return result
+
+
+provenance.register_lazy_loader(loads.__code__, "pickle.loads", "data")
+provenance.register_lazy_loader(load.__code__, "pickle.load", "file")
 
 
 def _py_loads(data, /, *args, **kwargs):
@@ -209,7 +220,7 @@ _ORIGINALS = {
 
 def install(policy) -> None:
     global _allowed, _on
-    _allowed = policy.pickle_base
+    _allowed = policy.pickle_inert
     for module, attr, replacement in _PATCHES:
         setattr(module, attr, replacement)
     for cls in _existing_subclasses():

@@ -74,6 +74,11 @@ class Policy:
     def refresh(self) -> None:
         # The hot paths read these: a frozenset lookup is all an allowed pickle global costs.
         self.pickle_base = frozenset(self.base.pickle)
+        # Built-in pairs are inert data types: the pickle guard allows them without even materializing
+        # the chain. A pair only your allowlist names (your own class, a nested loader) takes the
+        # slower path, so that what it does during the load is attributed to the load.
+        builtin = set(builtin_allowlist_files())
+        self.pickle_inert = frozenset(k for k, src in self.base.pickle.items() if src.file in builtin)
         self.import_exact = frozenset(k for k in self.base.imports if not k.endswith(".*"))
         self.import_prefixes = tuple(k[:-1] for k in self.base.imports if k.endswith(".*"))
         self.has_scopes = bool(self.scoped)
@@ -165,6 +170,25 @@ class Policy:
                     return src
         return None
 
+    def native_allowed(self, library: str, symbol: str | None, chain) -> Source | None:
+        """A library load (``symbol`` None) or a symbol lookup. ``native.allow`` entries: ``LIB`` (load it,
+        look up anything in it) or ``LIB:SYMBOL`` (load it, look up that symbol); LIB is a path, a file
+        name or a glob, ``<process>`` for the program itself (``ctypes.CDLL(None)``)."""
+        name = os.path.basename(library)
+        for section in [self.base] + self.sections_for(chain):
+            for entry, src in section.native.items():
+                lib, sep, sym = entry.rpartition(":")
+                if not sep:
+                    lib, sym = entry, None
+                if "/" in lib:
+                    if not fnmatch.fnmatchcase(library, lib):
+                        continue
+                elif not fnmatch.fnmatchcase(name, lib):
+                    continue
+                if symbol is None or sym is None or sym == symbol:
+                    return src
+        return None
+
     @property
     def network_process_wide(self) -> bool:
         return bool(self.base.network_process_wide)
@@ -176,7 +200,7 @@ class Policy:
 
 
 def _widen(into: Section, more: Section) -> None:
-    for name in ("pickle", "imports", "network", "process", "files", "code"):
+    for name in ("pickle", "imports", "network", "process", "files", "code", "native"):
         target = getattr(into, name)
         for key, src in getattr(more, name).items():
             target.setdefault(key, src)
