@@ -96,12 +96,13 @@ _chain_get = provenance._CHAIN.get
 _materialized = provenance._materialized
 
 
-def loads(data, /, *args, **kwargs):
+def loads(data, /, **kwargs):
+    # pickle.loads takes data positionally and the rest by keyword only.
     if _chain_get():
-        return _framed("pickle.loads", data, _c_loads, (data,) + args, kwargs)
+        return _framed("pickle.loads", data, _c_loads, (data,), kwargs)
     # Top level: no frame unless a decision or a nested load needs one (see provenance.chain()).
     try:
-        result = _c_loads(data, *args, **kwargs)
+        result = _c_loads(data, **kwargs) if kwargs else _c_loads(data)
     except BaseException as exc:
         if _materialized:
             provenance.close_lazy(sys._getframe(), exc)
@@ -111,11 +112,11 @@ def loads(data, /, *args, **kwargs):
     return result
 
 
-def load(file, /, *args, **kwargs):
+def load(file, /, **kwargs):
     if _chain_get():
-        return _framed("pickle.load", file, _c_load, (file,) + args, kwargs)
+        return _framed("pickle.load", file, _c_load, (file,), kwargs)
     try:
-        result = _c_load(file, *args, **kwargs)
+        result = _c_load(file, **kwargs) if kwargs else _c_load(file)
     except BaseException as exc:
         if _materialized:
             provenance.close_lazy(sys._getframe(), exc)
