@@ -105,7 +105,7 @@ def main(keep: bool = False) -> int:
             allowlist = os.path.join(folder, "trust-outer.yaml")
             with open(allowlist, "w") as fh:
                 fh.write(f"version: 1\nartifacts:\n  - match: {{sha256: {file_digest(paths['malicious'])}}}\n"
-                         f"    pickle:\n      allow: [pickle:loads]\n")
+                         f"    pickle:\n      allow: [_pickle:loads]\n")
             allowlists.append(allowlist)
         # The demo prints the refusal itself; keep the log record off the terminal.
         logging.getLogger("tmtguard").propagate = False

@@ -170,8 +170,12 @@ class _PyUnpickler(_unpatched.pickle_py_Unpickler):
         _wrap_find_class(cls)
 
 
-Unpickler.__qualname__ = Unpickler.__name__ = "Unpickler"
-_PyUnpickler.__qualname__ = _PyUnpickler.__name__ = "_Unpickler"
+# The replacements answer to the originals' names, so that pickling a reference to them (an artifact
+# built while tmtguard is active) writes the same global an unguarded process would.
+for _fn, _module, _name in ((loads, "_pickle", "loads"), (load, "_pickle", "load"), (Unpickler, "_pickle", "Unpickler"),
+                            (_py_loads, "pickle", "_loads"), (_py_load, "pickle", "_load"),
+                            (_PyUnpickler, "pickle", "_Unpickler")):
+    _fn.__module__, _fn.__qualname__, _fn.__name__ = _module, _name, _name
 
 
 def _wrap_find_class(cls) -> None:
