@@ -21,12 +21,14 @@ _context = None
 
 def configure(exporter: str) -> None:
     """Choose where spans go; takes effect for the next span."""
-    global _exporter_choice, _tracer
+    global _exporter_choice, _tracer, _counter
     with _lock:
         if exporter != _exporter_choice:
             _shutdown_own_provider()
+            _shutdown_own_meter_provider()
             _exporter_choice = exporter
             _tracer = None
+            _counter = None
 
 
 def _get_tracer():
@@ -184,5 +186,104 @@ def force_flush() -> None:
     if _provider is not None:
         try:
             _provider.force_flush(2000)
+        except Exception:
+            pass
+
+
+# --- metrics: a counter of decisions ------------------------------------------------------------
+
+_counter = None  # None: not made yet; False: metrics off
+_meter_provider = None
+
+DECISIONS_METRIC = "tmtguard.decisions"
+NO_ARTIFACT = "(none)"
+
+
+def count_decision(record: dict) -> None:
+    """Add one to ``tmtguard.decisions`` by action, decision and outermost artifact."""
+    counter = _counter if _counter is not None else _get_counter()
+    if not counter:
+        return
+    chain = record.get("chain") or ()
+    counter.add(1, {
+        "tmtguard.action": record["action"],
+        "tmtguard.decision": record["decision"],
+        "tmtguard.artifact": chain[0]["artifact"] if chain else NO_ARTIFACT,
+    })
+
+
+def _get_counter():
+    global _counter, _meter_provider
+    if _counter is not None:
+        return _counter
+    with _lock:
+        if _counter is not None:
+            return _counter
+        if _exporter_choice == "none":
+            _counter = False
+            return _counter
+        if _exporter_choice == "global":
+            from opentelemetry import metrics
+
+            meter = metrics.get_meter("tmtguard")
+        else:
+            _meter_provider = _own_meter_provider(_exporter_choice)
+            meter = _meter_provider.get_meter("tmtguard")
+        _counter = meter.create_counter(
+            DECISIONS_METRIC, unit="{decision}",
+            description="tmtguard decisions, by action, decision (blocked|audited) and outermost artifact")
+        return _counter
+
+
+def _own_meter_provider(kind: str):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    if kind == "console":
+        exporter = ConsoleMetricExporter(out=sys.stderr)
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        exporter = OTLPMetricExporter(timeout=2)
+    # Exported every OTEL_METRIC_EXPORT_INTERVAL and at exit, each export bounded as the spans' are.
+    reader = PeriodicExportingMetricReader(_internal_metric_exporter(exporter), export_timeout_millis=2000)
+    provider = MeterProvider(resource=Resource.create({"service.name": "tmtguard"}), metric_readers=[reader])
+    atexit.register(_shutdown_own_meter_provider)
+    return provider
+
+
+def _internal_metric_exporter(inner):
+    """``inner``, with everything it does counted as tmtguard's own work (never checked)."""
+    from opentelemetry.sdk.metrics.export import MetricExporter
+
+    from . import provenance
+
+    class InternalMetricExporter(MetricExporter):
+        def __init__(self):
+            super().__init__(preferred_temporality=inner._preferred_temporality,
+                             preferred_aggregation=inner._preferred_aggregation)
+
+        def export(self, metrics_data, timeout_millis: float = 10_000, **kwargs):
+            with provenance.internal():
+                return inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+
+        def force_flush(self, timeout_millis: float = 10_000) -> bool:
+            with provenance.internal():
+                return inner.force_flush(timeout_millis=timeout_millis)
+
+        def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+            with provenance.internal():
+                inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+    return InternalMetricExporter()
+
+
+def _shutdown_own_meter_provider() -> None:
+    global _meter_provider
+    provider, _meter_provider = _meter_provider, None
+    if provider is not None:
+        try:
+            provider.shutdown(timeout_millis=3000)
         except Exception:
             pass
