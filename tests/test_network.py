@@ -297,7 +297,9 @@ def test_module_imported_during_a_load_blocked(guard, server, module_dir, tmp_pa
     server.peers.clear()
     sys.modules.pop(name)
 
-    events = guard()
+    # the import itself is allowed (the imports guard would otherwise stop it first): its connect is not
+    rules = write_allowlist(tmp_path / "imports.yaml", f"version: 1\nimports:\n  allow: ['{name}']\n")
+    events = guard(allowlists=[rules])
     # remote code imports its dependencies while it loads (what check_imports does in transformers)
     with tmtguard.guarded_load("remote_code", str(tmp_path / "modeling_x.py"), repo="org/model"):
         with pytest.raises(tmtguard.NetworkViolation, match="remote_code"):
@@ -311,7 +313,8 @@ def test_module_imported_during_a_load_blocked(guard, server, module_dir, tmp_pa
 
     # a pickle whose global names the module: the import runs inside the load and is refused too
     sys.modules.pop(name, None)
-    rules = write_allowlist(tmp_path / "pickle.yaml", f"version: 1\npickle:\n  allow: ['{name}:VALUE']\n")
+    rules = write_allowlist(tmp_path / "pickle.yaml",
+                            f"version: 1\npickle:\n  allow: ['{name}:VALUE']\nimports:\n  allow: ['{name}']\n")
     guard(allowlists=[rules])
     with pytest.raises(tmtguard.NetworkViolation):
         pickle.loads(A.dumps(A.glob(name, "VALUE")))
