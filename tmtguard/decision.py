@@ -43,6 +43,43 @@ class NetworkViolation(Violation, ConnectionRefusedError):
         self.strerror = message.split("\n", 1)[0]
 
 
+class ImportViolation(Violation):
+    """Guarded loads or model code tried to import a module no ``imports.allow`` rule (nor the built-in
+    list) names. Raised before the module's code runs. Deliberately not an ``ImportError``: code that
+    treats a missing optional dependency as absent must not silently carry on past a refusal."""
+
+
+class ProcessViolation(Violation):
+    """A process spawn (``os.system``, ``subprocess``, ``os.exec*``, ``os.fork``...) no ``process.allow``
+    rule names."""
+
+
+class CodeViolation(Violation):
+    """``exec``/``eval``/``compile`` of a source string, or a code object built by ``marshal`` or
+    ``types.CodeType``, by a module no ``code.allow`` rule names."""
+
+
+class NativeViolation(Violation):
+    """A native library load or symbol lookup (ctypes, cffi) or a sub-interpreter no ``native.allow``
+    rule names (an ``OSError`` too, as a failed ``dlopen`` is)."""
+
+
+class FileViolation(Violation):
+    """A read outside the artifact's folder, the interpreter's installation, the Hugging Face caches
+    and ``files.allow``; a write outside ``files.allow``; or any read of a known secret."""
+
+
+class RemoteCodeViolation(Violation):
+    """Hugging Face remote code (``trust_remote_code=True``) that no ``remote_code.allow`` entry permits
+    (repo, 40-hex commit, file digests), a modules-cache copy that differs from its snapshot, or a
+    model repo handed classes registered from another repo's code (``remote_code.load``). Raised before
+    anything from the repo runs, the imports ``check_imports`` performs included."""
+
+
+class TamperViolation(Violation):
+    """Guarded loads or model code tried to switch tmtguard off or loosen it (``guard.tamper``)."""
+
+
 class Decision:
     __slots__ = ("mode", "verdict", "action", "target", "rule", "chain", "origin", "suggestion", "detail", "warning")
 
@@ -81,6 +118,7 @@ class Decision:
 class _State:
     mode = "off"
     policy = None
+    process_wide = False  # TMTGUARD_PROCESS_WIDE: import, process, code and native rules for all code
 
 
 state = _State()
@@ -114,7 +152,10 @@ def refuse(action: str, target: str, rule: str, *, chain=None, suggestion: str |
     verdict = "blocked" if mode == "enforce" else "audited"
     decision = Decision(mode, verdict, action, target, rule, tuple(chain),
                         origin if origin is not None else provenance.origin(2), suggestion, detail, warning)
-    events.emit(decision)
+    try:
+        events.emit(decision)
+    except Exception as exc:  # a sink failure is a counted drop, never a reason to let the action through
+        events.count_drop("emit", exc)
     if verdict == "blocked":
         raise violation(decision.message(), decision)
     return decision

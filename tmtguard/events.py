@@ -84,16 +84,20 @@ def emit(decision) -> dict:
         try:
             log.warning("%s", decision.message(), extra={"tmtguard": rec})
         except Exception as exc:
-            _drop("logging", exc)
+            count_drop("logging", exc)
         try:
             telemetry.decision_event(decision.chain[-1] if decision.chain else None, rec)
         except Exception as exc:
-            _drop("opentelemetry", exc)
+            count_drop("opentelemetry", exc)
+        try:
+            telemetry.count_decision(rec)
+        except Exception as exc:
+            count_drop("opentelemetry metrics", exc)
         for sink in list(_extra_sinks):
             try:
                 sink(rec)
             except Exception as exc:
-                _drop(getattr(sink, "__name__", "sink"), exc)
+                count_drop(getattr(sink, "__name__", "sink"), exc)
     return rec
 
 
@@ -107,10 +111,10 @@ def _write_jsonl(rec: dict) -> None:
         if written != len(line):
             raise OSError(f"short write ({written} of {len(line)} bytes)")
     except Exception as exc:
-        _drop(f"events file {_jsonl_path}", exc)
+        count_drop(f"events file {_jsonl_path}", exc)
 
 
-def _drop(sink: str, exc: BaseException) -> None:
+def count_drop(sink: str, exc: BaseException) -> None:
     global _dropped, _drop_reported
     with _lock:
         _dropped += 1

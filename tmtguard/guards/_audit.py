@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import sys
 
+from .. import decision
+from ..decision import Violation
+
 _handlers: dict = {}
 _installed = False
 
@@ -16,7 +19,20 @@ _installed = False
 def _hook(event, args, _get=_handlers.get):
     handler = _get(event)
     if handler is not None:
-        handler(args)
+        try:
+            handler(args)
+        except Violation:
+            raise
+        except Exception as exc:  # a bug in a guard: fail closed in enforce, never break the app in audit
+            _failed(event, args, exc)
+
+
+def _failed(event, args, exc) -> None:
+    try:
+        target = repr(args)[:200]
+    except Exception:
+        target = "<args>"
+    decision.failed(event, target, exc)
 
 
 def register(event: str, handler) -> None:
