@@ -63,9 +63,10 @@ _PLUMBING = frozenset(
 
 
 class _Originals:
-    """What the patches replaced (captured once, at the first install) and call through to."""
+    """What the patches replaced (captured at install) and call through to."""
 
-    saved: list = []  # (owner, attribute, value, was in owner.__dict__)
+    def __init__(self):
+        self.saved: list = []  # (owner, attribute, value, was in owner.__dict__), for uninstall
 
 
 _orig = _Originals()
@@ -84,11 +85,12 @@ def _checked():
 
 
 def _decided(key, fn, *args):
+    outer = getattr(_tls, "decided", None)
     _tls.decided = key
     try:
         return fn(*args)
     finally:
-        _tls.decided = None
+        _tls.decided = outer
 
 
 def _already_decided(key) -> bool:
