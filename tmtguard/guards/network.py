@@ -51,7 +51,7 @@ _tls = threading.local()
 # Address -> names it was resolved from by an allowed lookup. Bounded: cleared when full.
 _resolved: dict = {}
 _resolved_lock = threading.Lock()
-RESOLVED_MAX = 4096
+_RESOLVED_MAX = 4096
 
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
@@ -531,7 +531,7 @@ def _learn(name: str, addresses) -> None:
                 continue
             names = _resolved.get(ip)
             if names is None:
-                if len(_resolved) >= RESOLVED_MAX:
+                if len(_resolved) >= _RESOLVED_MAX:
                     _resolved.clear()
                 _resolved[ip] = {key}
             else:
