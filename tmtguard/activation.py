@@ -27,7 +27,7 @@ def activate(*, mode=None, allowlists=None, events_path=None, otel_exporter=None
 
     Raises ConfigError (or AllowlistError, a subclass) when a setting or file cannot be used; the
     guard's previous state is then left exactly as it was."""
-    if provenance.active() and decision.state.mode != "off":
+    if decision.state.mode != "off" and _acting():
         _tamper("tmtguard.activate")
     settings = config.from_environment(
         mode=mode, allowlists=allowlists, events=events_path, otel_exporter=otel_exporter,
@@ -51,25 +51,40 @@ def activate(*, mode=None, allowlists=None, events_path=None, otel_exporter=None
             ) from None
         telemetry.configure(settings.otel_exporter)
         decision.configure(settings.mode, policy)
+        decision.state.process_wide = settings.process_wide
         active.settings, active.policy = settings, policy
         for guard in guards.modules():
             guard.install(policy)
+        from .guards import tamper
+
+        tamper.seal()
     return settings
 
 
 def deactivate() -> None:
     """Remove every patch; the audit hook (which cannot be removed) becomes inert."""
-    if provenance.active() and decision.state.mode != "off":
+    if decision.state.mode != "off" and _acting():
         _tamper("tmtguard.deactivate")
     with _lock:
         for guard in reversed(guards.modules()):
             guard.uninstall()
         decision.configure("off", active.policy)
+        decision.state.process_wide = False
         active.settings = None
 
 
+def _acting() -> bool:
+    # A guarded load, model code on the stack, or a thread either started (a Timer calling
+    # tmtguard.deactivate has no model code on its own stack).
+    from .guards import tamper
+
+    return tamper.acting() is not None
+
+
 def _tamper(what: str) -> None:
-    decision.refuse("guard.tamper", what, "code inside a guarded load may not reconfigure tmtguard")
+    from .guards import tamper
+
+    tamper.refuse(what, "code inside a guarded load or model code may not reconfigure tmtguard")
 
 
 def status() -> dict:

@@ -111,6 +111,7 @@ class Section:
     process: dict = field(default_factory=dict)  # executable -> Source
     files: dict = field(default_factory=dict)  # path or glob -> Source
     code: dict = field(default_factory=dict)  # module pattern allowed to generate code -> Source
+    native: dict = field(default_factory=dict)  # library, library:symbol, <process>, <subinterpreter> -> Source
     network_process_wide: bool | None = None
 
 
@@ -247,7 +248,7 @@ def parse_net_rule(text: str) -> NetRule:
     return NetRule(text, "host", host_key(host), port)
 
 
-_SECTION_KEYS = ("pickle", "imports", "network", "process", "files", "code")
+_SECTION_KEYS = ("pickle", "imports", "network", "process", "files", "code", "native")
 
 
 def _section(ctx: _Ctx, items: dict, where: str) -> Section:
@@ -282,6 +283,8 @@ def _section(ctx: _Ctx, items: dict, where: str) -> Section:
                 section.process[text] = source
             elif key == "files":
                 section.files[text] = source
+            elif key == "native":
+                section.native[text] = source
     return section
 
 

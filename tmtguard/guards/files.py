@@ -1,0 +1,285 @@
+"""The file guard: files guarded loads and model code open (``file.open``) or change (``file.write``).
+
+The PEP 578 ``open`` event (``open``, ``io.open``, ``os.open``, ``pathlib``, ``shutil``...) and the
+events of calls that change the filesystem (``os.remove``, ``os.rename``/``replace``, ``os.mkdir``,
+``os.rmdir``, ``os.symlink``, ``os.link``, ``os.truncate``, ``os.chmod``, ``os.chown``,
+``shutil.rmtree``) are decided before the call, on the real path (symlinks resolved).
+
+* A known secret (``~/.aws/``, ``~/.ssh/``, ``/proc/*/environ``, the Hugging Face token, cloud and
+  registry credentials, ``/etc/shadow``; see :data:`SECRETS`) is refused unless a ``files.allow``
+  rule names it, whatever folder it is in.
+* A read is allowed inside the folders of the artifacts on the chain and of model code, the
+  interpreter's installation (stdlib, site-packages), the Hugging Face caches, a few system files
+  (``/dev/null``, ``/dev/urandom``, ``/proc/cpuinfo``, zoneinfo...), and ``files.allow``.
+* A write (or a change) is allowed inside ``files.allow`` only. Frameworks keep their caches: an
+  installed library writing in the Hugging Face or torch hub caches, with no model code on the stack,
+  is allowed.
+
+Not checked: the import machinery reading the modules it imports (the import guard decides those),
+and file access from native code (``numpy.fromfile`` and C libraries call the C library directly).
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+from importlib.machinery import all_suffixes
+
+from .. import decision, provenance
+from ..decision import FileViolation
+from . import _audit, _scope
+
+_on = False
+_policy = None
+_folders: dict = {}  # artifact path -> its real folder (+ os.sep)
+
+_chain = _scope._chain
+_lazy = _scope._lazy
+_model_code = _scope._model_code
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+_IMPORT_SUFFIXES = tuple(all_suffixes()) + (".pyc", ".pth")
+
+# (pattern, what it is). ``~`` is the current HOME; ``*`` crosses folders. Matched on the path as
+# given and on its real path.
+SECRETS = (
+    ("~/.aws/*", "AWS credentials"),
+    ("~/.ssh/*", "SSH keys"),
+    ("~/.gnupg/*", "GnuPG keys"),
+    ("~/.netrc", "netrc credentials"),
+    ("~/.git-credentials", "git credentials"),
+    ("~/.pypirc", "PyPI credentials"),
+    ("~/.docker/config.json", "container registry credentials"),
+    ("~/.kube/*", "Kubernetes credentials"),
+    ("~/.config/gcloud/*", "Google Cloud credentials"),
+    ("~/.azure/*", "Azure credentials"),
+    ("~/.huggingface/token", "Hugging Face token"),
+    ("~/.cache/huggingface/token", "Hugging Face token"),
+    ("~/.cache/huggingface/stored_tokens", "Hugging Face tokens"),
+    ("$HF_HOME/token", "Hugging Face token"),
+    ("$HF_HOME/stored_tokens", "Hugging Face tokens"),
+    ("$HF_TOKEN_PATH", "Hugging Face token"),
+    ("/proc/*/environ", "the process environment (API keys, tokens)"),
+    ("/proc/*/task/*/environ", "the process environment (API keys, tokens)"),
+    ("/proc/*/mem", "process memory"),
+    ("/etc/shadow", "password hashes"),
+    ("/etc/gshadow", "password hashes"),
+    ("/run/secrets/*", "mounted secrets"),
+    ("/var/run/secrets/*", "mounted secrets (Kubernetes service account token)"),
+)
+
+# Read-only system files frameworks commonly read.
+SYSTEM_READS = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/shm/", "/etc/localtime",
+                "/usr/share/zoneinfo/", "/proc/cpuinfo", "/proc/meminfo", "/proc/self/stat",
+                "/proc/self/status", "/sys/devices/system/cpu/", "/sys/fs/cgroup/")
+
+
+def _quiet() -> bool:
+    # Not process-wide: TMTGUARD_PROCESS_WIDE extends the import, process, code and native rules only.
+    return not _chain() and _lazy.pending is None and not _model_code
+
+
+def _on_open(args):
+    if not _chain() and _lazy.pending is None and not _model_code:
+        return
+    path = args[0]
+    if isinstance(path, int) or path is None:
+        return  # an open file descriptor: its opening was checked
+    flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+    mode = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
+    write = bool(flags & _WRITE_FLAGS) or any(c in mode for c in "wax+")
+    _check(path, write, "open")
+
+
+def _changes(operation: str, *positions):
+    def handler(args):
+        if not _chain() and _lazy.pending is None and not _model_code:
+            return
+        for i in positions:
+            if i < len(args) and isinstance(args[i], (str, bytes, os.PathLike)):
+                _check(args[i], True, operation)
+
+    return handler
+
+
+def _check(path, write: bool, operation: str) -> None:
+    if not _on or _lazy.internal:
+        return
+    try:
+        path = os.fsdecode(path)
+    except TypeError:
+        return
+    f = _scope.frame(3)
+    if _scope.in_import_machinery(f) and path.endswith(_IMPORT_SUFFIXES):
+        return
+    chain = _scope.checked_chain(applies_wide=False)
+    if chain is None:
+        return
+    try:
+        _decide(path, write, operation, chain, f)
+    except decision.Violation:
+        raise
+    except Exception as exc:
+        decision.failed("file.open", path, exc, violation=FileViolation)
+
+
+def _decide(path: str, write: bool, operation: str, chain, f) -> None:
+    given = os.path.abspath(path)
+    real = os.path.realpath(given)
+    secret = _secret(given) or _secret(real)
+    if _policy.file_allowed(given, chain) is not None or (real != given and _policy.file_allowed(real, chain) is not None):
+        return
+    if secret is None:
+        if not write and _readable(real, chain):
+            return
+        if not write and _reading_source(f, real):
+            return
+        if write and _framework_cache_write(real, f):
+            return
+    action = "file.open" if operation == "open" else "file.write"
+    access = "write" if write else "read"
+    if secret is not None:
+        rule = f"tried to {access} {given!r}: {secret}; only a files.allow rule naming it permits that"
+    elif write:
+        rule = f"tried to {'write' if operation == 'open' else operation} {given!r}, and no files.allow rule names it"
+    else:
+        rule = (f"tried to read {given!r}, outside the artifacts' folders, the interpreter's installation "
+                f"and the Hugging Face caches, and no files.allow rule names it")
+    detail = {"access": access, "operation": operation}
+    if real != given:
+        detail["real_path"] = real
+    if secret is not None:
+        detail["secret"] = secret
+    _scope.refuse(action, given, rule, chain, section="files", entry=given, violation=FileViolation,
+                  detail=detail, warning=f"it is {secret}" if secret else None)
+
+
+def _expand(pattern: str) -> str | None:
+    if pattern.startswith("$"):
+        name, _, rest = pattern[1:].partition("/")
+        value = os.environ.get(name)
+        if not value:
+            return None
+        return os.path.join(value, rest) if rest else value
+    return os.path.expanduser(pattern) if pattern.startswith("~") else pattern
+
+
+def _secret(path: str) -> str | None:
+    for pattern, what in SECRETS:
+        p = _expand(pattern)
+        if p is None:
+            continue
+        if p.endswith("/*"):
+            folder = p[:-2]
+            if "*" not in folder:
+                if path == folder or path.startswith(folder + os.sep):
+                    return what
+                continue
+        if fnmatch.fnmatchcase(path, p):
+            return what
+    return None
+
+
+def _readable(real: str, chain) -> bool:
+    for root in provenance.installation_roots():
+        if real.startswith(root):
+            return True
+    for prefix in SYSTEM_READS:
+        if real == prefix.rstrip("/") or (prefix.endswith("/") and real.startswith(prefix)):
+            return True
+    for frame in chain:
+        folder = _folder_of(frame)
+        if folder and (real.startswith(folder) or real == folder.rstrip(os.sep)):
+            return True
+    if provenance.model_folder_chain(real) is not None:
+        return True
+    return any(real.startswith(c) for c in hf_caches())
+
+
+def _reading_source(f, real: str) -> bool:
+    # tracebacks and warnings show source lines (linecache); a .py file is not a secret
+    return f is not None and f.f_globals.get("__name__") in ("linecache", "tokenize") and real.endswith(".py")
+
+
+def _framework_cache_write(real: str, f) -> bool:
+    if not any(real.startswith(c) for c in hf_caches() + torch_hub_caches()):
+        return False
+    if provenance.model_code_frame(1) is not None:
+        return False
+    while f is not None and provenance._stdlib_file(f.f_code.co_filename):
+        f = f.f_back
+    return f is not None and _scope.installed(f.f_code.co_filename)
+
+
+def _folder_of(frame) -> str | None:
+    path = getattr(frame, "path", None)
+    if not path:
+        return None
+    folder = _folders.get(path)
+    if folder is None:
+        real = os.path.realpath(path)
+        folder = (real if os.path.isdir(real) else os.path.dirname(real)).rstrip(os.sep) + os.sep
+        if folder == os.sep:
+            folder = ""  # an artifact at / does not open the whole filesystem
+        if len(_folders) > 4096:
+            _folders.clear()
+        _folders[path] = folder
+    return folder or None
+
+
+def hf_caches() -> list:
+    """The Hugging Face cache folders (real paths, with a trailing separator): from the environment
+    and, once imported, from huggingface_hub and transformers themselves (they read it at import)."""
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    found = {home, env.get("HF_HUB_CACHE"), env.get("HUGGINGFACE_HUB_CACHE"), env.get("TRANSFORMERS_CACHE"),
+             env.get("HF_MODULES_CACHE"), env.get("HF_ASSETS_CACHE"), env.get("HF_DATASETS_CACHE")}
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        for name in ("HF_HOME", "HF_HUB_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_HUB_CACHE"):
+            found.add(getattr(constants, name, None))
+    dynamic = sys.modules.get("transformers.dynamic_module_utils")
+    if dynamic is not None:
+        found.add(getattr(dynamic, "HF_MODULES_CACHE", None))
+    return [os.path.realpath(str(p)).rstrip(os.sep) + os.sep for p in found if p]
+
+
+def torch_hub_caches() -> list:
+    hub = sys.modules.get("torch.hub")
+    if hub is None:
+        return []
+    try:
+        return [os.path.realpath(hub.get_dir()).rstrip(os.sep) + os.sep]
+    except Exception:
+        return []
+
+
+_EVENTS = {
+    "open": _on_open,
+    "os.remove": _changes("remove", 0),
+    "os.rename": _changes("rename", 0, 1),
+    "os.rmdir": _changes("rmdir", 0),
+    "os.mkdir": _changes("mkdir", 0),
+    "os.symlink": _changes("symlink", 1),
+    "os.link": _changes("link", 1),
+    "os.truncate": _changes("truncate", 0),
+    "os.chmod": _changes("chmod", 0),
+    "os.chown": _changes("chown", 0),
+    "shutil.rmtree": _changes("rmtree", 0),
+}
+
+
+def install(policy) -> None:
+    global _on, _policy
+    _policy = policy
+    _folders.clear()
+    for event, handler in _EVENTS.items():
+        _audit.register(event, handler)
+    _on = True
+
+
+def uninstall() -> None:
+    global _on
+    _on = False
+    for event in _EVENTS:
+        _audit.unregister(event)
