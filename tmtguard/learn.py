@@ -125,6 +125,9 @@ def _entry_for(action: str, target: str, rec: dict, chain: list):
     if action in ("network.connect", "network.send", "network.resolve"):
         if _by_pickle(chain):
             raise _Refuse("network access requested by a pickle while it was being unpickled")
+        port = detail.get("port")
+        if action == "network.resolve" and isinstance(port, int) and ":" not in target:
+            target = f"{target}:{port}"  # the lookup named the port it was for
         return _network_entry(action, target)
     if action == "process.spawn":
         if _by_pickle(chain):
@@ -145,14 +148,16 @@ def _entry_for(action: str, target: str, rec: dict, chain: list):
         if target in ("", "None", "<process>", "libc") or target.startswith("<"):
             raise _Refuse("looking symbols up in the process itself (ctypes.CDLL(None)) reaches every libc function")
         return "native", target, None
-    if action == "file.open":
+    if action in ("file.open", "file.write"):
         if _by_pickle(chain):
             raise _Refuse("a file opened by a pickle while it was being unpickled")
         path = str(detail.get("path") or target)
-        if any(fnmatch.fnmatchcase(path, p) for p in SECRET_PATHS):
+        if detail.get("secret") or any(fnmatch.fnmatchcase(path, p) for p in SECRET_PATHS):
             raise _Refuse("a credentials or secrets file; a model never needs it")
         return "files", path, None
     if action == "remote_code.load":
+        if "copy_sha256" in detail or "copy" in detail:
+            raise _Refuse("the modules-cache copy that would run differs from the snapshot: it was modified")
         repo, revision = _remote_repo(rec, target, chain)
         if not repo:
             raise _Refuse("the event names no repo; run `tmtguard pin` on the model instead")
@@ -199,7 +204,7 @@ def _remote_file(rec: dict, target: str):
     detail = rec.get("detail") if isinstance(rec.get("detail"), dict) else {}
     name = detail.get("file") or (target.split("/", 2)[-1] if re.match(r"^[^@]+@[0-9a-f]{40}/.+", target) else None)
     digest = SHA256.match(str(detail.get("sha256") or ""))
-    return (os.path.basename(str(name)), digest.group(1).lower()) if name and digest else None
+    return (str(name), digest.group(1).lower()) if name and digest else None
 
 
 def _scope(chain: list):
