@@ -48,6 +48,7 @@ class Entry:
     chains: dict = field(default_factory=dict)  # chain description -> count
     note: str | None = None
     files: dict = field(default_factory=dict)  # remote_code: file name -> sha256
+    outermost: set = field(default_factory=set)  # the outermost artifacts whose loads needed it
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Finding:
     reason: str
     chains: dict = field(default_factory=dict)
     decisions: dict = field(default_factory=dict)
+    outermost: set = field(default_factory=set)
 
 
 @dataclass
@@ -77,6 +79,7 @@ def propose(events: Events) -> Proposal:
         chain = [f for f in rec.get("chain") or [] if isinstance(f, dict)]
         action, target = str(rec.get("action")), str(rec.get("target"))
         label = describe_chain(chain)
+        outer = describe_frame(chain[0]) if chain else None
         try:
             section, value, note = _entry_for(action, target, rec, chain)
             scope, scope_label = (None, None) if section == "remote_code" else _scope(chain)
@@ -84,6 +87,7 @@ def propose(events: Events) -> Proposal:
         except _Refuse as why:
             f = proposal.findings.setdefault((action, target, str(why)), Finding(action, target, str(why)))
             f.chains[label] = f.chains.get(label, 0) + 1
+            f.outermost.add(outer)
             verdict = rec.get("decision") or "?"
             f.decisions[verdict] = f.decisions.get(verdict, 0) + 1
             continue
@@ -92,6 +96,7 @@ def propose(events: Events) -> Proposal:
         if e is None:
             e = proposal.entries[key] = Entry(section, value, scope, scope_label, note=note)
         e.chains[label] = e.chains.get(label, 0) + 1
+        e.outermost.add(outer)
         if section == "remote_code":
             digest = _remote_file(rec, target)
             if digest:
@@ -255,6 +260,12 @@ def _drop_covered(proposal: Proposal) -> None:
 def _merge_into(into: Entry, other: Entry) -> None:
     for chain, n in other.chains.items():
         into.chains[chain] = into.chains.get(chain, 0) + n
+    into.outermost |= other.outermost
+
+
+def _suspect(proposal: Proposal) -> set:
+    """Outermost artifacts that also attempted something listed as a finding."""
+    return {o for f in proposal.findings.values() for o in f.outermost if o is not None}
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -274,8 +285,10 @@ def _comment(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _entry_lines(e: Entry, indent: str) -> list:
+def _entry_lines(e: Entry, indent: str, suspect: set = frozenset()) -> list:
     lines = []
+    for outer in sorted(e.outermost & suspect):
+        lines.append(f"{indent}# WARNING: {_comment(outer)} also attempted what is listed under Findings below")
     for chain, n in sorted(e.chains.items(), key=lambda i: -i[1]):
         lines.append(f"{indent}# needed by: {_comment(chain)}" + (f"  (x{n})" if n > 1 else ""))
     if e.note:
@@ -284,19 +297,20 @@ def _entry_lines(e: Entry, indent: str) -> list:
     return lines
 
 
-def _section_lines(entries: list, indent: str) -> list:
+def _section_lines(entries: list, indent: str, suspect: set = frozenset()) -> list:
     lines = []
     for section in SECTIONS:
         chosen = sorted((e for e in entries if e.section == section), key=lambda e: str(e.value))
         if chosen:
             lines += [f"{indent}{section}:", f"{indent}  allow:"]
             for e in chosen:
-                lines += _entry_lines(e, indent + "    ")
+                lines += _entry_lines(e, indent + "    ", suspect)
     return lines
 
 
 def render(proposal: Proposal, sources=()) -> str:
     entries = list(proposal.entries.values())
+    suspect = _suspect(proposal)
     lines = []
     if sources:
         lines += [
@@ -306,7 +320,7 @@ def render(proposal: Proposal, sources=()) -> str:
             "# Review every entry before enforcing: it permits exactly what the audited run did, no more.",
         ]
     lines.append("version: 1")
-    lines += _section_lines([e for e in entries if e.scope is None and e.section != "remote_code"], "")
+    lines += _section_lines([e for e in entries if e.scope is None and e.section != "remote_code"], "", suspect)
     remote = sorted((e for e in entries if e.section == "remote_code"), key=lambda e: e.value)
     if remote:
         lines += ["remote_code:", "  allow:"]
@@ -326,7 +340,7 @@ def render(proposal: Proposal, sources=()) -> str:
         for (kind, value), group in sorted(scopes.items()):
             label = next((e.scope_label for e in group if e.scope_label), None)
             lines.append(f"  - match: {{{kind}: {_scalar(value)}}}" + (f"  # {_comment(label)}" if label else ""))
-            lines += _section_lines(group, "    ")
+            lines += _section_lines(group, "    ", suspect)
     if proposal.findings:
         lines += ["", "# Findings: recorded actions this file does NOT permit, because no allowlist can make them safe.",
                   "# Find out why the artifact attempted them before going further."]
