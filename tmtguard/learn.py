@@ -75,6 +75,7 @@ class _Refuse(Exception):
 
 def propose(events: Events) -> Proposal:
     proposal = Proposal(events=len(events.records), skipped=events.skipped)
+    inexpressible: dict = {}  # (scope, section, value) -> reason, so each is parsed once
     for rec in events.records:
         chain = [f for f in rec.get("chain") or [] if isinstance(f, dict)]
         action, target = str(rec.get("action")), str(rec.get("target"))
@@ -83,7 +84,16 @@ def propose(events: Events) -> Proposal:
         try:
             section, value, note = _entry_for(action, target, rec, chain)
             scope, scope_label = (None, None) if section == "remote_code" else _scope(chain)
-            _validate(section, value, scope)
+            key = (scope, section, value)
+            if key in inexpressible:
+                raise _Refuse(inexpressible[key])
+            if key not in proposal.entries:
+                try:
+                    _validate(section, value, scope)
+                except _Refuse as why:
+                    inexpressible[key] = str(why)
+                    raise
+                proposal.entries[key] = Entry(section, value, scope, scope_label, note=note)
         except _Refuse as why:
             f = proposal.findings.setdefault((action, target, str(why)), Finding(action, target, str(why)))
             f.chains[label] = f.chains.get(label, 0) + 1
@@ -91,10 +101,7 @@ def propose(events: Events) -> Proposal:
             verdict = rec.get("decision") or "?"
             f.decisions[verdict] = f.decisions.get(verdict, 0) + 1
             continue
-        key = (scope, section, value)
-        e = proposal.entries.get(key)
-        if e is None:
-            e = proposal.entries[key] = Entry(section, value, scope, scope_label, note=note)
+        e = proposal.entries[key]
         e.chains[label] = e.chains.get(label, 0) + 1
         e.outermost.add(outer)
         if section == "remote_code":
