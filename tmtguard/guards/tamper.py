@@ -49,6 +49,7 @@ _snapshot: list = []  # (owner, attribute, value) as sealed
 _guards: list = []  # the guard modules, as sealed
 _handlers: dict = {}  # audit handlers as sealed
 _guarded_modules: list = []  # modules whose class we set
+_module_class: dict = {}  # module -> the GuardedModule (sub)class it was given
 
 
 def acting():
@@ -83,7 +84,16 @@ def _tmtguard_object(value) -> bool:
     if getattr(value, "_tmtguard_original", None) is not None:
         return True
     module = getattr(value, "__module__", None)
-    return isinstance(module, str) and (module == "tmtguard" or module.startswith("tmtguard."))
+    if isinstance(module, str) and (module == "tmtguard" or module.startswith("tmtguard.")):
+        return True
+    # a patch may wear its original's __module__ (the pickle guard's loads says "_pickle"): its code
+    # still lives in tmtguard's files
+    if isinstance(value, types.FunctionType):
+        return value.__code__.co_filename.startswith(_scope._OWN_DIR)
+    if isinstance(value, type):
+        return any(isinstance(f, types.FunctionType) and f.__code__.co_filename.startswith(_scope._OWN_DIR)
+                   for f in vars(value).values())
+    return False
 
 
 def _protected(owner, name: str) -> bool:
@@ -118,6 +128,41 @@ class GuardedModule(types.ModuleType):
 
 
 _threads_started = False  # a thread carrying a chain exists (the fast test above must not miss it)
+
+
+class _Pinned:
+    """A patch pinned on its module's class. A data descriptor on the type is found before the
+    module's ``__dict__``, so writing the dict directly (``vars(module)[name] = original``) does not
+    unpatch ``module.name`` nor ``from module import name``; assigning goes through :meth:`__set__`."""
+
+    __slots__ = ("name", "value")
+
+    def __init__(self, name: str, value):
+        self.name = name
+        self.value = value
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else self.value
+
+    def __set__(self, obj, value):
+        if _on and not _lazy.internal and acting() is not None:
+            refuse(f"{obj.__name__}.{self.name}", f"tried to assign {obj.__name__}.{self.name}, which tmtguard guards")
+        self.value = value
+        obj.__dict__[self.name] = value
+
+    def __delete__(self, obj):
+        if _on and not _lazy.internal and acting() is not None:
+            refuse(f"{obj.__name__}.{self.name}", f"tried to delete {obj.__name__}.{self.name}, which tmtguard guards")
+        obj.__dict__.pop(self.name, None)
+
+
+def _pin(module) -> None:
+    """Give ``module`` a GuardedModule class of its own, pinning the tmtguard patches it holds."""
+    pinned = {attr: _Pinned(attr, value) for attr, value in list(vars(module).items())
+              if _tmtguard_object(value) and not isinstance(value, types.ModuleType)}
+    cls = type("GuardedModule", (GuardedModule,), {"__slots__": (), **pinned}) if pinned else GuardedModule
+    object.__setattr__(module, "__class__", cls)
+    _module_class[module] = cls
 
 
 def _guard_state_class():
@@ -260,7 +305,7 @@ def verify() -> None:
         found = []
         with provenance.internal():
             for owner, attr, value in _expected():
-                current = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+                current = vars(owner).get(attr)  # the dict itself: a pinned attribute hides it
                 if current is not value:
                     _force_set(owner, attr, value)
                     found.append(f"{getattr(owner, '__name__', owner)}.{attr}")
@@ -277,8 +322,9 @@ def verify() -> None:
 
                 imports.restore_finder()
             for module in _guarded_modules:
-                if type(module) is not GuardedModule:
-                    object.__setattr__(module, "__class__", GuardedModule)
+                cls = _module_class.get(module, GuardedModule)
+                if type(module) is not cls:
+                    object.__setattr__(module, "__class__", cls)
                     found.append(f"{module.__name__}.__class__")
             settings = _active_settings()
             if settings is not None and decision.state.mode != settings.mode:
@@ -341,8 +387,14 @@ def _seal() -> None:
         if module is None or module in _guarded_modules:
             continue
         if type(module) is types.ModuleType:
-            object.__setattr__(module, "__class__", GuardedModule)
             _guarded_modules.append(module)
+    for module in _guarded_modules:
+        if module is sys or module.__name__.startswith("tmtguard"):
+            if type(module) is types.ModuleType:
+                object.__setattr__(module, "__class__", GuardedModule)
+                _module_class[module] = GuardedModule
+        else:
+            _pin(module)
     del _snapshot[:]
     for module in _guarded_modules:
         if module is sys or module.__name__.startswith("tmtguard"):
@@ -382,8 +434,9 @@ def uninstall() -> None:
         _audit.unregister(event)
     while _guarded_modules:
         module = _guarded_modules.pop()
-        if type(module) is GuardedModule:
+        if isinstance(module, GuardedModule):
             object.__setattr__(module, "__class__", types.ModuleType)
+    _module_class.clear()
     if type(sys.meta_path) is MetaPath:
         types.ModuleType.__setattr__(sys, "meta_path", list(sys.meta_path))
     _snapshot.clear()

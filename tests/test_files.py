@@ -1,0 +1,191 @@
+"""file.open / file.write: what guarded loads and model code may read and write."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+import payloads as P
+import tmtguard
+from conftest import write_allowlist
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fake HOME holding credentials, so the real ones are never read."""
+    h = tmp_path / "home"
+    (h / ".aws").mkdir(parents=True)
+    (h / ".aws" / "credentials").write_text("[default]\naws_secret_access_key = FAKESECRET\n")
+    (h / ".ssh").mkdir()
+    (h / ".ssh" / "id_rsa").write_text("-----BEGIN FAKE KEY-----\n")
+    monkeypatch.setenv("HOME", str(h))
+    return h
+
+
+def steal(secret: str, marker) -> str:
+    """forward() code: read the secret and drop it where the attacker can pick it up (the marker)."""
+    return f"data = open(os.path.expanduser({secret!r})).read()\nopen({str(marker)!r}, 'w').write(data)"
+
+
+def marker_writable(tmp_path, marker, extra: str = ""):
+    return write_allowlist(tmp_path / "w.yaml", f"version: 1\nfiles:\n  allow: [{str(marker)!r}]\n{extra}")
+
+
+# --- secrets read by model code at inference ------------------------------------------------------------
+
+
+def test_secret_theft_works_when_unguarded(unguarded, tmp_path, home, marker):
+    P.infer(P.load_hub(P.hub_folder(tmp_path, steal("~/.aws/credentials", marker), net_imports="import os")))
+    assert "FAKESECRET" in marker.read_text()
+
+
+@pytest.mark.parametrize("secret,what", [
+    ("~/.aws/credentials", "AWS credentials"),
+    ("~/.ssh/id_rsa", "SSH keys"),
+    ("/proc/self/environ", "the process environment"),
+])
+def test_secret_read_by_model_code_blocked_and_named(guard, tmp_path, home, marker, secret, what):
+    folder = P.hub_folder(tmp_path, steal(secret, marker), net_imports="import os")
+    events = guard(allowlists=[marker_writable(tmp_path, marker)])  # even with the drop spot writable
+    model = P.load_hub(folder)
+    with pytest.raises(tmtguard.FileViolation) as info:
+        P.infer(model)
+    assert not marker.exists()
+    [ev] = P.of(events, "file.open")
+    assert ev["target"] == os.path.expanduser(secret)
+    assert ev["detail"]["secret"].startswith(what) and ev["detail"]["access"] == "read"
+    assert ev["chain"][0]["loader"] == "torch.hub.load"
+    assert (ev["origin"]["file"], ev["origin"]["line"]) == P.forward_line(folder, "data = open(")
+    assert what in str(info.value)
+    assert isinstance(info.value, PermissionError)
+
+
+def test_secret_read_audited(guard, tmp_path, home, marker):
+    folder = P.hub_folder(tmp_path, steal("~/.aws/credentials", marker), net_imports="import os")
+    events = guard(mode="audit")
+    P.infer(P.load_hub(folder))
+    assert "FAKESECRET" in marker.read_text()
+    assert {e["action"] for e in events} == {"file.open"}
+    assert all(e["decision"] == "audited" for e in events)
+    assert {e["detail"]["access"] for e in events} == {"read", "write"}
+
+
+def test_secret_permitted_only_by_a_rule_naming_it(guard, tmp_path, home, marker):
+    folder = P.hub_folder(tmp_path, steal("~/.aws/credentials", marker), net_imports="import os")
+    guard(allowlists=[marker_writable(tmp_path, marker)])
+    with pytest.raises(tmtguard.FileViolation):
+        P.infer(P.load_hub(folder))
+    rules = write_allowlist(tmp_path / "s.yaml", "version: 1\nfiles:\n  allow: ['~/.aws/credentials', "
+                                                 f"{str(marker)!r}]\n")
+    events = guard(allowlists=[rules])
+    events.clear()
+    P.infer(P.load_hub(folder))
+    assert "FAKESECRET" in marker.read_text() and events == []
+
+
+def test_secret_in_the_artifact_folder_is_still_a_secret(guard, tmp_path, home):
+    # an artifact kept in HOME: its folder is readable, ~/.aws is not
+    events = guard()
+    (home / "notes.txt").write_text("fine")
+    with tmtguard.guarded_load("custom.load", str(home / "model.bin")):
+        assert open(home / "notes.txt").read() == "fine"
+        with pytest.raises(tmtguard.FileViolation, match="AWS credentials"):
+            open(home / ".aws" / "credentials").read()
+    assert [e["target"] for e in events] == [str(home / ".aws" / "credentials")]
+
+
+def test_symlink_to_a_secret_is_resolved(guard, tmp_path, home):
+    folder = P.hub_folder(tmp_path, "pass")
+    os.symlink(home / ".ssh" / "id_rsa", os.path.join(folder, "config.json"))
+    events = guard()
+    with tmtguard.guarded_load("custom.load", os.path.join(folder, "model.bin")):
+        with pytest.raises(tmtguard.FileViolation):
+            open(os.path.join(folder, "config.json")).read()
+    [ev] = events
+    assert ev["detail"]["real_path"] == str(home / ".ssh" / "id_rsa") and ev["detail"]["secret"] == "SSH keys"
+
+
+# --- reads and writes around the artifact -----------------------------------------------------------------
+
+
+def test_reads_the_model_needs_are_allowed(guard, tmp_path, monkeypatch):
+    hf_home = tmp_path / "hf"
+    (hf_home / "hub").mkdir(parents=True)
+    (hf_home / "hub" / "vocab.txt").write_text("a b c")
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    folder = P.hub_folder(tmp_path, f"""
+        own = open(os.path.join(os.path.dirname(__file__), "labels.txt")).read()
+        lib = open(torch.__file__).read(10)
+        std = open(os.__file__ if os.__file__.endswith(".py") else json.__file__).read(10)
+        cache = open({str(hf_home / "hub" / "vocab.txt")!r}).read()
+        open("/dev/null").read()
+    """, net_imports="import os\nimport json", files={"labels.txt": "cat dog"})
+    events = guard()
+    P.infer(P.load_hub(folder))
+    assert events == []
+
+
+def test_read_outside_blocked(guard, tmp_path):
+    private = tmp_path / "app_config.yaml"
+    private.write_text("db_password: hunter2")
+    folder = P.hub_folder(tmp_path / "models", f"open({str(private)!r}).read()")
+    events = guard()
+    with pytest.raises(tmtguard.FileViolation, match="outside the artifacts' folders"):
+        P.infer(P.load_hub(folder))
+    [ev] = events
+    assert ev["action"] == "file.open" and ev["target"] == str(private) and "secret" not in ev["detail"]
+    assert f"- {str(private)!r}" in ev["allowlist"]
+
+
+def test_writes_need_files_allow_even_in_the_artifact_folder(guard, tmp_path):
+    folder = P.hub_folder(tmp_path, "open(os.path.join(os.path.dirname(__file__), 'cache.bin'), 'wb').write(b'x')",
+                          net_imports="import os")
+    events = guard()
+    model = P.load_hub(folder)
+    with pytest.raises(tmtguard.FileViolation):
+        P.infer(model)
+    assert not os.path.exists(os.path.join(folder, "cache.bin"))
+    assert events[0]["detail"]["access"] == "write"
+    guard(allowlists=[write_allowlist(tmp_path / "w.yaml", f"version: 1\nfiles:\n  allow: ['{folder}/*.bin']\n")])
+    P.infer(model)
+    assert os.path.exists(os.path.join(folder, "cache.bin"))
+
+
+@pytest.mark.parametrize("how", ["os.remove", "os.rename", "os.mkdir", "os.symlink", "os.chmod", "shutil.rmtree", "os.open"])
+def test_filesystem_changes_blocked(guard, tmp_path, how):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "f").write_text("x")
+    calls = {
+        "os.remove": lambda: os.remove(victim / "f"),
+        "os.rename": lambda: os.rename(victim / "f", victim / "g"),
+        "os.mkdir": lambda: os.mkdir(victim / "d"),
+        "os.symlink": lambda: os.symlink("/etc/passwd", victim / "l"),
+        "os.chmod": lambda: os.chmod(victim / "f", 0o777),
+        "shutil.rmtree": lambda: __import__("shutil").rmtree(victim),
+        "os.open": lambda: os.open(victim / "new", os.O_WRONLY | os.O_CREAT),
+    }
+    events = guard()
+    with tmtguard.guarded_load("custom.load", str(tmp_path / "model.bin")):
+        with pytest.raises(tmtguard.FileViolation):
+            calls[how]()
+    assert sorted(p.name for p in victim.iterdir()) == ["f"] and (victim / "f").read_text() == "x"
+    assert events[0]["action"] in ("file.write", "file.open") and events[0]["detail"]["access"] == "write"
+
+
+def test_application_files_untouched(guard, tmp_path, home, marker):
+    events = guard()
+    P.load_hub(P.hub_folder(tmp_path, "pass"))
+    data = open(home / ".aws" / "credentials").read()
+    marker.write_text(data)
+    assert "FAKESECRET" in marker.read_text() and events == []
+
+
+def test_files_rule_is_not_process_wide(guard, tmp_path, home):
+    events = guard(process_wide=True)
+    try:
+        assert "FAKESECRET" in open(home / ".aws" / "credentials").read()
+    finally:
+        guard()
+    assert events == []
