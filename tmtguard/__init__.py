@@ -10,14 +10,16 @@ __version__ = "0.1.0"
 
 from .activation import activate, deactivate, status
 from .config import ConfigError
-from .decision import GuardError, NetworkViolation, PickleViolation, Violation
+from .decision import (CodeViolation, FileViolation, GuardError, ImportViolation, NativeViolation, NetworkViolation,
+                       PickleViolation, ProcessViolation, RemoteCodeViolation, TamperViolation, Violation)
 from .events import add_sink, remove_sink
 from .policy import AllowlistError, Policy
 from .provenance import LoadFrame
 
 __all__ = [
     "activate", "deactivate", "status", "guarded_load", "add_sink", "remove_sink",
-    "Violation", "PickleViolation", "NetworkViolation", "GuardError", "ConfigError", "AllowlistError", "Policy", "LoadFrame",
+    "Violation", "PickleViolation", "NetworkViolation", "ImportViolation", "ProcessViolation", "CodeViolation", "NativeViolation", "FileViolation",
+    "TamperViolation", "RemoteCodeViolation", "GuardError", "ConfigError", "AllowlistError", "Policy", "LoadFrame",
 ]
 
 
