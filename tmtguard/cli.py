@@ -67,6 +67,12 @@ def _demo(args) -> int:
     return demo.main(keep=args.keep)
 
 
+def _pin(args) -> int:
+    from . import pin
+
+    return pin.main(args.model, args.revision, args.cache_dir, args.output)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tmtguard", description="Runtime defence against transitive model threats.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +86,15 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="build a benign and a transitive malicious checkpoint and load both under the guard")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("pin", help="print the remote_code allowlist entries a model needs (repos, commits, file digests)",
+                       description="Resolve MODEL from the local Hugging Face cache or a folder, follow its auto_map "
+                       "to every repo it pulls code from, and print remote_code.allow entries for review.")
+    p.add_argument("model", metavar="MODEL", help="org/name in the local hub cache, or a model folder")
+    p.add_argument("--revision", help="branch, tag or commit of MODEL (default: main)")
+    p.add_argument("--cache-dir", help="the hub cache (default: HF_HUB_CACHE, else HF_HOME/hub)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the allowlist here (default: standard output)")
+    p.set_defaults(func=_pin)
 
     args = parser.parse_args(argv)
     return args.func(args)

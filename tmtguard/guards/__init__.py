@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("pickle", "loaders", "network")
+NAMES = ("pickle", "loaders", "network", "transformers")
 
 
 def modules():

@@ -1,0 +1,743 @@
+"""The transformers remote-code guard, on real remote code from an offline hub cache (tests/hubfixtures.py).
+
+Every load runs in a FRESH interpreter (transformers reads its cache locations at import, and remote code
+leaves state in sys.modules, sys.path and the Auto registries). The ``jobs`` fixture starts the
+interpreters of all selected tests at once; each test waits for its own. Payloads append a line to a
+marks file (``TMT_MARKS``): a test asserts the line is absent under the guard, and the ``unguarded``
+job shows each attack does run without it.
+
+The scripts import the framework (torch, ``transformers.PreTrainedModel``) before loading, as a server
+does at start-up: the first ``from transformers import PreTrainedModel`` inside remote code would
+otherwise pull transformers' modeling stack in under the model code's chain, which the code guard
+polices.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hubfixtures as hf  # noqa: E402
+
+import tmtguard  # noqa: E402
+from tmtguard import pin as pinning  # noqa: E402
+from tmtguard import remote_code  # noqa: E402
+from tmtguard.guards import transformers as hfguard  # noqa: E402
+from tmtguard.policy import parse  # noqa: E402
+
+X = [1.0, 2.0, 3.0, 4.0]
+
+
+def mark(label: str) -> str:
+    """Module-level payload: append ``label`` to the marks file."""
+    return (f"import os as _tmt_os\n"
+            f"with open(_tmt_os.environ['TMT_MARKS'], 'a') as _tmt_f:\n"
+            f"    _tmt_f.write({label!r} + '\\n')\n")
+
+
+EVILMOD = mark("evilmod imported")
+
+TAIL_CONNECT = """
+def tmt_on_forward(model, x):
+    import os, socket
+    port = os.environ.get("TMT_CONNECT_PORT")
+    if port:
+        s = socket.socket()
+        try:
+            s.connect(("127.0.0.1", int(port)))
+        finally:
+            s.close()
+"""
+
+
+def write_allowlist(path: Path, entries) -> Path:
+    path.write_text(remote_code.allowlist_text(entries))
+    return path
+
+
+def digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def code_files(info) -> dict:
+    return {name: Path(p).read_text() for name, p in info["code_files"].items()}
+
+
+def config_json(model_type: str, auto_map: dict | None) -> str:
+    cfg = {"model_type": model_type, "hidden_size": hf.HIDDEN_SIZE, "out_size": hf.OUT_SIZE, "dtype": "float32",
+           "architectures": ["TinyModel"]}
+    if auto_map:
+        cfg["auto_map"] = auto_map
+    return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+
+
+def tamper_copy(modules: Path, info: dict, module: str = "modeling_tiny") -> Path:
+    """Plant a modified copy where get_cached_module_file will find it (and never refresh it)."""
+    copy = modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], module)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text(info["code_files"][f"{module}.py"].read_text() + "\n" + mark("tampered copy ran"))
+    return copy
+
+
+@pytest.fixture(scope="session")
+def fx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hfguard")
+    cache = root / "hub"
+    pydir = root / "pylib"
+    pydir.mkdir()
+    (pydir / "tmt_fixture_evilmod.py").write_text(EVILMOD)
+    work = root / "work"
+    d = {"root": root, "cache": cache, "pydir": pydir}
+
+    # a transitive model whose code repo is not allowed; payloads in every module body
+    d["evil"] = hf.tiny_custom_model(cache, "acme/evil-transitive", code_repo="evil/code", with_helper=True,
+                                     extra_configuration_source=mark("configuration ran"),
+                                     extra_modeling_source=mark("modeling ran"),
+                                     extra_helpers_source=mark("helpers ran"), model_type="tmt-evil")
+    # allowed configuration + modeling, but not the helper they import relatively
+    d["rel"] = hf.tiny_custom_model(cache, "acme/rel-import", code_repo="evil/rel-code", with_helper=True,
+                                    extra_modeling_source=mark("rel modeling ran"),
+                                    extra_helpers_source=mark("rel helpers ran"), model_type="tmt-rel")
+    d["rel_allow"] = [("evil/rel-code", d["rel"]["code_commit"],
+                       {n: digest(d["rel"]["code_files"][n]) for n in ("configuration_tiny.py", "modeling_tiny.py")})]
+    # pinned, then the snapshot file changed in place (same commit, other bytes)
+    d["digest"] = hf.tiny_custom_model(cache, "acme/digest", code_repo="other/digest-code", model_type="tmt-digest")
+    d["digest_allow"] = pinning.pin("acme/digest", cache_dir=str(cache))
+    modeling = d["digest"]["code_files"]["modeling_tiny.py"]
+    modeling.write_text(modeling.read_text() + "\n" + mark("changed snapshot ran"))
+    # pinned and benign; a modified copy is planted in the modules cache
+    d["tamper"] = hf.tiny_custom_model(cache, "acme/tampered", code_repo="other/tamper-code", model_type="tmt-tamper")
+    d["tamper_allow"] = pinning.pin("acme/tampered", cache_dir=str(cache))
+    # remote code importing a module whose body is the payload (check_imports imports it first)
+    d["importer"] = hf.tiny_custom_model(cache, "acme/importer", model_type="tmt-importer",
+                                         extra_modeling_source="import tmt_fixture_evilmod\n" + mark("importer modeling ran"))
+    d["importer_allow"] = [("acme/importer", d["importer"]["commit"],
+                            {"configuration_tiny.py": digest(d["importer"]["code_files"]["configuration_tiny.py"])})]
+    # allowed through `tmtguard pin`; its forward() connects out when asked to
+    d["allowed"] = hf.tiny_custom_model(cache, "acme/tiny-allowed", code_repo="other/code-ok", with_helper=True,
+                                        extra_modeling_tail=TAIL_CONNECT, model_type="tmt-allowed", seed=3)
+    # pinned, then the code repo's main moved to a new commit
+    d["moved"] = hf.tiny_custom_model(cache, "acme/moved", code_repo="other/moved-code", model_type="tmt-moved")
+    d["moved_allow"] = pinning.pin("acme/moved", cache_dir=str(cache))
+    files = code_files(d["moved"])
+    files["modeling_tiny.py"] += "\n" + mark("moved main ran")
+    d["moved_new_commit"] = hf.make_repo(cache, "other/moved-code", files)
+    # re-registration: a trusted model, then repos of the same model type
+    d["trusted"] = hf.tiny_custom_model(cache, "acme/trusted", code_repo="other/trusted-code", model_type="tmt-shared")
+    d["trusted_allow"] = pinning.pin("acme/trusted", cache_dir=str(cache))
+    evil_code = {"configuration_tiny.py": hf.configuration_source("tmt-shared", mark("rr configuration ran")),
+                 "modeling_tiny.py": hf.modeling_source(mark("rr modeling ran"))}
+    d["rr_code_commit"] = hf.make_repo(cache, "evil/rr-code", evil_code)
+    weights = hf.safetensors_bytes(hf.tiny_weights(7), metadata={"format": "pt"})
+    d["mixed_commit"] = hf.make_repo(cache, "evil/mixed", {
+        "config.json": config_json("tmt-shared", {"AutoConfig": "other/trusted-code--configuration_tiny.TinyConfig",
+                                                  "AutoModel": "evil/rr-code--modeling_tiny.TinyModel"}),
+        "model.safetensors": weights})
+    d["own_config_commit"] = hf.make_repo(cache, "evil/own-config", {
+        "config.json": config_json("tmt-shared", {"AutoConfig": "evil/rr-code--configuration_tiny.TinyConfig",
+                                                  "AutoModel": "evil/rr-code--modeling_tiny.TinyModel"}),
+        "model.safetensors": weights})
+    d["plain_commit"] = hf.make_repo(cache, "evil/plain", {"config.json": config_json("tmt-shared", None),
+                                                           "model.safetensors": weights})
+    # local folders
+    d["local_evil"] = hf.local_custom_folder(work / "local-evil", mark("local modeling ran"),
+                                             extra_configuration_source=mark("local configuration ran"))
+    d["local_ok"] = hf.local_custom_folder(work / "local-ok", with_helper=True, model_type="tmt-local-ok", seed=4)
+    d["local_changed"] = hf.local_custom_folder(work / "local-changed", model_type="tmt-local-changed")
+    d["local_allow"] = (pinning.pin(str(work / "local-ok")) + pinning.pin(str(work / "local-changed")))
+    changed = d["local_changed"]["files"]["modeling_tiny.py"]
+    changed.write_text(changed.read_text() + "\n" + mark("changed local ran"))
+    # config-only remote code
+    d["config_ok"] = hf.tiny_custom_config(cache, "acme/tiny-config-ok", model_type="tmt-cfg-ok")
+    d["config_evil"] = hf.tiny_custom_config(cache, "acme/tiny-config-evil", code_repo="evil/config-code",
+                                             extra_configuration_source=mark("config code ran"), model_type="tmt-cfg-evil")
+    d["config_allow"] = pinning.pin("acme/tiny-config-ok", cache_dir=str(cache))
+    return d
+
+
+# --------------------------------------------------------------------------------------- fresh interpreters
+
+PRELUDE = r"""
+import json, os, sys
+out = {}
+
+def attempt(key, fn):
+    try:
+        out[key] = {"ok": True, "value": fn()}
+    except Exception as exc:
+        out[key] = {"ok": False, "type": type(exc).__name__, "mro": [c.__name__ for c in type(exc).__mro__],
+                    "message": str(exc)}
+
+def done():
+    print("RESULT " + json.dumps(out, default=repr))
+
+import torch
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel  # the framework, imported up front
+X = torch.tensor(%(x)r)
+""" % {"x": X}
+
+
+class Jobs:
+    def __init__(self, fx):
+        self.fx = fx
+        self.jobs: dict = {}
+        self.lock = threading.Lock()
+
+    def start(self, name, body, *, mode="enforce", allow=(), extra_env=None, prepare=None, prelude=True):
+        root = self.fx["root"]
+        modules = root / f"modules-{name}"
+        modules.mkdir()
+        if prepare is not None:
+            prepare(modules)
+        env = hf.env_for(self.fx["cache"], modules)
+        marks, events = root / f"marks-{name}.txt", root / f"events-{name}.jsonl"
+        marks.write_text("")
+        env.update({"TMT_MARKS": str(marks), "PYTHONPATH": str(self.fx["pydir"])})
+        if mode:
+            env.update({"TMTGUARD_MODE": mode, "TMTGUARD_EVENTS": str(events)})
+        if allow:
+            files = []
+            for i, entries in enumerate(allow):
+                files.append(write_allowlist(root / f"allow-{name}-{i}.yaml", entries))
+            env["TMTGUARD_ALLOWLIST"] = os.pathsep.join(str(f) for f in files)
+        env.update(extra_env or {})
+        code = (PRELUDE if prelude else "") + body
+        proc = hf.start_python(code, env, cwd=str(root / "work"))
+        self.jobs[name] = {"proc": proc, "out": None, "marks": marks, "events": events, "modules": modules,
+                           "lock": threading.Lock()}
+
+    def result(self, name, timeout=900):
+        job = self.jobs[name]
+        with job["lock"]:
+            if job["out"] is None:
+                try:
+                    out, err = job["proc"].communicate(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    job["proc"].kill()
+                    out, err = job["proc"].communicate()
+                job["out"] = (job["proc"].returncode, out, err)
+        rc, out, err = job["out"]
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        assert rc == 0 and lines, f"{name}: rc={rc}\nstdout:\n{out}\nstderr:\n{err[-6000:]}"
+        events = [json.loads(ln) for ln in job["events"].read_text().splitlines()] if job["events"].exists() else []
+        return types.SimpleNamespace(out=json.loads(lines[-1][len("RESULT "):]), marks=job["marks"].read_text().splitlines(),
+                                     events=events, modules=job["modules"], stderr=err)
+
+    def close(self):
+        for job in self.jobs.values():
+            if job["proc"].poll() is None:
+                job["proc"].kill()
+            if job["out"] is None:
+                job["proc"].communicate()
+
+
+def remote_events(events, decision=None):
+    return [e for e in events if e["action"] == "remote_code.load" and (decision is None or e["decision"] == decision)]
+
+
+def chain_of(event):
+    return [(f["loader"], f["artifact"]) for f in event["chain"]]
+
+
+# --- scenarios -------------------------------------------------------------------------------------
+
+LOAD = 'attempt("load", lambda: type(AutoModel.from_pretrained(%r, trust_remote_code=True)).__module__)\ndone()\n'
+
+
+def s_transitive_blocked(j):
+    j.start("transitive_blocked", LOAD % "acme/evil-transitive")
+
+
+def s_relative_import(j):
+    j.start("relative_import", LOAD % "acme/rel-import", allow=[j.fx["rel_allow"]])
+
+
+def s_digest(j):
+    j.start("digest", LOAD % "acme/digest", allow=[j.fx["digest_allow"]])
+
+
+def s_tampered(j):
+    j.start("tampered", LOAD % "acme/tampered", allow=[j.fx["tamper_allow"]],
+            prepare=lambda modules: tamper_copy(modules, j.fx["tamper"]))
+
+
+def s_import_payload(j):
+    j.start("import_payload", LOAD % "acme/importer", allow=[j.fx["importer_allow"]])
+
+
+ALLOWED = r"""
+import socket
+def load_and_run():
+    m = AutoModel.from_pretrained("acme/tiny-allowed", trust_remote_code=True)
+    return {"module": type(m).__module__, "y": m(X).tolist(), "helper": m.helper_marker}
+attempt("first", load_and_run)
+attempt("second", load_and_run)   # the class is registered now: served by the registry, same code
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+os.environ["TMT_CONNECT_PORT"] = str(srv.getsockname()[1])
+m = AutoModel.from_pretrained("acme/tiny-allowed", trust_remote_code=True)
+attempt("forward_connect", lambda: m(X).tolist())
+attempt("moved", lambda: AutoModel.from_pretrained("acme/moved", trust_remote_code=True))
+done()
+"""
+
+
+def s_allowed(j):
+    # the allowlist is `tmtguard pin` output, from the command line
+    pinned = subprocess.run([sys.executable, "-m", "tmtguard", "pin", "acme/tiny-allowed", "--cache-dir", str(j.fx["cache"])],
+                            capture_output=True, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("TMTGUARD_")})
+    assert pinned.returncode == 0, pinned.stderr
+    j.fx["allowed_pin_text"] = pinned.stdout
+    allow = j.fx["root"] / "allow-pinned.yaml"
+    allow.write_text(pinned.stdout)
+    moved = write_allowlist(j.fx["root"] / "allow-moved.yaml", j.fx["moved_allow"])
+    j.start("allowed", ALLOWED, extra_env={"TMTGUARD_ALLOWLIST": os.pathsep.join([str(allow), str(moved)])})
+
+
+REREGISTER_MODEL = r"""
+attempt("trusted", lambda: type(AutoModel.from_pretrained("acme/trusted", trust_remote_code=True)).__module__)
+attempt("mixed", lambda: type(AutoModel.from_pretrained("evil/mixed", trust_remote_code=True)).__module__)
+attempt("trusted_again", lambda: type(AutoModel.from_pretrained("acme/trusted", trust_remote_code=True)).__module__)
+done()
+"""
+
+REREGISTER_CONFIG = r"""
+m = AutoModel.from_pretrained("acme/trusted", trust_remote_code=True)
+AutoConfig.register("tmt-shared", type(m.config))   # the application makes the trusted classes local
+attempt("own_config", lambda: type(AutoConfig.from_pretrained("evil/own-config", trust_remote_code=True)).__module__)
+attempt("plain", lambda: type(AutoModel.from_pretrained("evil/plain")).__module__)
+done()
+"""
+
+
+def s_rr_model(j):
+    j.start("rr_model", REREGISTER_MODEL, allow=[j.fx["trusted_allow"]])
+
+
+def s_rr_config(j):
+    j.start("rr_config", REREGISTER_CONFIG, allow=[j.fx["trusted_allow"]])
+
+
+LOCAL_EVIL = 'attempt("load", lambda: type(AutoModel.from_pretrained("./local-evil", trust_remote_code=True)).__module__)\ndone()\n'
+LOCAL_OK = r"""
+def run():
+    m = AutoModel.from_pretrained("./local-ok", trust_remote_code=True)
+    return {"module": type(m).__module__, "y": m(X).tolist()}
+attempt("ok", run)
+attempt("changed", lambda: type(AutoModel.from_pretrained("./local-changed", trust_remote_code=True)).__module__)
+done()
+"""
+
+
+def s_local_blocked(j):
+    j.start("local_blocked", LOCAL_EVIL)
+
+
+def s_local_pinned(j):
+    j.start("local_pinned", LOCAL_OK, allow=[j.fx["local_allow"]])
+
+
+CONFIGS = r"""
+attempt("ok", lambda: [type(c).__module__, c.hidden_size] if (c := AutoConfig.from_pretrained("acme/tiny-config-ok", trust_remote_code=True)) else None)
+attempt("evil", lambda: type(AutoConfig.from_pretrained("acme/tiny-config-evil", trust_remote_code=True)).__module__)
+done()
+"""
+
+
+def s_configs(j):
+    j.start("configs", CONFIGS, allow=[j.fx["config_allow"]])
+
+
+def s_audit(j):
+    j.start("audit", LOAD % "acme/evil-transitive", mode="audit")
+
+
+UNGUARDED = r"""
+attempt("evil", lambda: type(AutoModel.from_pretrained("acme/evil-transitive", trust_remote_code=True)).__module__)
+attempt("importer", lambda: type(AutoModel.from_pretrained("acme/importer", trust_remote_code=True)).__module__)
+attempt("tampered", lambda: type(AutoModel.from_pretrained("acme/tampered", trust_remote_code=True)).__module__)
+attempt("local", lambda: type(AutoModel.from_pretrained("./local-evil", trust_remote_code=True)).__module__)
+attempt("config", lambda: type(AutoConfig.from_pretrained("acme/tiny-config-evil", trust_remote_code=True)).__module__)
+attempt("trusted", lambda: type(AutoModel.from_pretrained("acme/trusted", trust_remote_code=True)).__module__)
+attempt("mixed", lambda: type(AutoModel.from_pretrained("evil/mixed", trust_remote_code=True)).__module__)
+out["tmtguard_loaded"] = "tmtguard" in sys.modules
+done()
+"""
+
+
+def s_unguarded(j):
+    j.start("unguarded", UNGUARDED, mode=None, prepare=lambda modules: tamper_copy(modules, j.fx["tamper"]))
+
+
+LATE = r"""
+import json, os, sys
+import transformers.dynamic_module_utils as dmu
+import transformers.models.auto.auto_factory, transformers.models.auto.configuration_auto
+import transformers.generation.utils, transformers.pipelines
+before = {"auto_factory": hasattr(transformers.models.auto.auto_factory.get_class_from_dynamic_module, "_tmtguard_original")}
+import tmtguard   # activates now (enforce), after transformers bound the originals by name
+tmtguard.activate(mode="enforce")
+sites = {}
+for mod, names in {"transformers.models.auto.auto_factory": ["get_class_from_dynamic_module"],
+                   "transformers.models.auto.configuration_auto": ["get_class_from_dynamic_module"],
+                   "transformers.models.auto.tokenization_auto": ["get_class_from_dynamic_module"],
+                   "transformers.pipelines": ["get_class_from_dynamic_module"],
+                   "transformers.generation.utils": ["get_cached_module_file", "get_class_in_module"],
+                   "transformers.dynamic_module_utils": ["get_class_from_dynamic_module", "get_cached_module_file",
+                                                         "check_imports", "get_class_in_module"]}.items():
+    m = sys.modules[mod]
+    for n in names:
+        f = getattr(m, n)
+        sites[f"{mod}.{n}"] = hasattr(f, "_tmtguard_original") and f is getattr(dmu, n)
+from transformers import AutoConfig
+try:
+    AutoConfig.from_pretrained("acme/tiny-config-evil", trust_remote_code=True)
+    refused = None
+except Exception as exc:
+    refused = type(exc).__name__
+tmtguard.deactivate()
+restored = {n: not hasattr(getattr(dmu, n), "_tmtguard_original") for n in ("check_imports", "get_class_in_module")}
+restored["auto_factory"] = not hasattr(transformers.models.auto.auto_factory.get_class_from_dynamic_module, "_tmtguard_original")
+print("RESULT " + json.dumps({"before": before, "sites": sites, "refused": refused, "restored": restored}))
+"""
+
+
+def s_late(j):
+    j.start("late", LATE, mode=None, prelude=False)
+
+
+SCENARIOS = {
+    "test_transitive_repo_not_allowed": [s_transitive_blocked, s_unguarded],
+    "test_relative_import_not_listed": [s_relative_import],
+    "test_digest_mismatch_after_pin": [s_digest],
+    "test_tampered_modules_cache_copy": [s_tampered, s_unguarded],
+    "test_import_payload_never_imported": [s_import_payload, s_unguarded],
+    "test_allowed_transitive_model_runs_and_is_model_code": [s_allowed],
+    "test_pin_output_refuses_moved_code_repo": [s_allowed],
+    "test_reregistration_model_class": [s_rr_model, s_unguarded],
+    "test_reregistration_config_class_and_undeclared": [s_rr_config],
+    "test_local_folder_blocked": [s_local_blocked, s_unguarded],
+    "test_local_folder_pinned_and_changed": [s_local_pinned],
+    "test_custom_config_class": [s_configs, s_unguarded],
+    "test_audit_mode_chains": [s_audit],
+    "test_late_activation_rebinds_every_site": [s_late],
+}
+
+
+@pytest.fixture(scope="session")
+def jobs(fx, request):
+    j = Jobs(fx)
+    selected = {item.name for item in request.session.items}
+    started = set()
+    for test, starters in SCENARIOS.items():
+        if test in selected:
+            for start in starters:
+                if start not in started:
+                    started.add(start)
+                    start(j)
+    yield j
+    j.close()
+
+
+# --------------------------------------------------------------------------------------- the tests
+
+
+def test_transitive_repo_not_allowed(fx, jobs):
+    info = fx["evil"]
+    r = jobs.result("transitive_blocked")
+    assert r.out["load"]["ok"] is False and r.out["load"]["type"] == "RemoteCodeViolation"
+    assert "PermissionError" in r.out["load"]["mro"]
+    assert r.marks == []  # nothing from the code repo ran
+    [event] = remote_events(r.events)
+    target = f"evil/code@{info['code_commit']}/configuration_tiny.py"
+    assert event["decision"] == "blocked" and event["target"] == target
+    assert chain_of(event) == [("from_pretrained", f"acme/evil-transitive@{info['commit']}"), ("remote_code", target)]
+    assert event["chain"][1]["sha256"] == digest(info["code_files"]["configuration_tiny.py"])
+    assert event["detail"]["repo"] == "evil/code" and event["detail"]["revision"] == info["code_commit"]
+    # the suggestion is the allowlist entry that would permit it, and it parses
+    suggestion = event["allowlist"].split("\n# or")[0]
+    rules = parse("version: 1\n" + suggestion, "suggestion.yaml").remote_code
+    assert [(r_.repo, r_.revision) for r_ in rules] == [("evil/code", info["code_commit"])]
+    assert dict(rules[0].files) == {"configuration_tiny.py": digest(info["code_files"]["configuration_tiny.py"])}
+    assert "acme/evil-transitive" in r.out["load"]["message"] and target in r.out["load"]["message"]
+    # without the guard the same load runs every payload
+    u = jobs.result("unguarded")
+    assert u.out["evil"]["ok"] and u.out["tmtguard_loaded"] is False
+    assert {"configuration ran", "modeling ran", "helpers ran"} <= set(u.marks)
+
+
+def test_relative_import_not_listed(fx, jobs):
+    info = fx["rel"]
+    r = jobs.result("relative_import")
+    assert r.out["load"]["type"] == "RemoteCodeViolation"
+    assert r.marks == []  # neither the helper nor the modeling file that imports it ran
+    [event] = remote_events(r.events)
+    assert event["target"] == f"evil/rel-code@{info['code_commit']}/helpers_tiny.py"
+    assert "lists configuration_tiny.py, modeling_tiny.py, not helpers_tiny.py" in event["rule"]
+    assert chain_of(event)[0] == ("from_pretrained", f"acme/rel-import@{info['commit']}")
+
+
+def test_digest_mismatch_after_pin(fx, jobs):
+    info = fx["digest"]
+    r = jobs.result("digest")
+    assert r.out["load"]["type"] == "RemoteCodeViolation"
+    assert r.marks == []
+    [event] = remote_events(r.events)
+    pinned = dict(fx["digest_allow"][0][2])["modeling_tiny.py"]
+    now = digest(info["code_files"]["modeling_tiny.py"])
+    assert event["target"] == f"other/digest-code@{info['code_commit']}/modeling_tiny.py"
+    assert f"has sha256 {now}" in event["rule"] and f"pins {pinned}" in event["rule"]
+    assert event["detail"]["sha256"] == now
+
+
+def test_tampered_modules_cache_copy(fx, jobs):
+    info = fx["tamper"]
+    r = jobs.result("tampered")
+    assert r.out["load"]["type"] == "RemoteCodeViolation"
+    assert r.marks == []
+    [event] = remote_events(r.events)
+    copy = r.modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "modeling_tiny")
+    assert event["target"] == f"other/tamper-code@{info['code_commit']}/modeling_tiny.py"
+    assert "was modified" in event["rule"] and event["detail"]["copy"] == str(copy)
+    assert event["detail"]["copy_sha256"] == digest(copy) != event["detail"]["sha256"]
+    # the same planted copy runs when nothing checks it: transformers never compares it with the snapshot
+    u = jobs.result("unguarded")
+    assert u.out["tampered"]["ok"] and "tampered copy ran" in u.marks
+
+
+def test_import_payload_never_imported(fx, jobs):
+    info = fx["importer"]
+    r = jobs.result("import_payload")
+    assert r.out["load"]["type"] == "RemoteCodeViolation"
+    assert "evilmod imported" not in r.marks and r.marks == []
+    [event] = remote_events(r.events)
+    assert event["target"] == f"acme/importer@{info['commit']}/modeling_tiny.py"
+    # code in the model's own repo: the chain's head and the code are the same repo
+    assert chain_of(event) == [("from_pretrained", f"acme/importer@{info['commit']}"), ("remote_code", event["target"])]
+    u = jobs.result("unguarded")
+    assert u.marks.index("evilmod imported") < u.marks.index("importer modeling ran")  # check_imports first
+
+
+def test_allowed_transitive_model_runs_and_is_model_code(fx, jobs):
+    info = fx["allowed"]
+    pinned = parse(fx["allowed_pin_text"], "pin.yaml").remote_code
+    assert [(p.repo, p.revision) for p in pinned] == [("other/code-ok", info["code_commit"])]
+    assert {n for n, _ in pinned[0].files} == {"configuration_tiny.py", "modeling_tiny.py", "helpers_tiny.py"}
+    r = jobs.result("allowed")
+    for key in ("first", "second"):
+        assert r.out[key]["ok"], r.out[key]
+        assert r.out[key]["value"]["module"] == info["module_names"]["modeling_tiny"]
+        assert r.out[key]["value"]["helper"] == hf.HELPER_MARKER
+        y = r.out[key]["value"]["y"]
+        assert all(abs(a - b) < 1e-5 for a, b in zip(y, hf.expected_output(info["weights"], X)))
+    assert [e for e in remote_events(r.events) if "code-ok" in e["target"]] == []  # allowed: no event
+    # allowing the code granted it nothing else: its forward() at inference is model code of the load
+    assert r.out["forward_connect"]["ok"] is False and r.out["forward_connect"]["type"] == "NetworkViolation"
+    [net] = [e for e in r.events if e["action"] == "network.connect"]
+    assert chain_of(net) == [("from_pretrained", f"acme/tiny-allowed@{info['commit']}"),
+                             ("remote_code", f"other/code-ok@{info['code_commit']}/modeling_tiny.py")]
+    assert net["origin"]["file"].endswith(hf.hub_module_relpath("other/code-ok", info["code_commit"], "modeling_tiny"))
+
+
+def test_pin_output_refuses_moved_code_repo(fx, jobs):
+    info = fx["moved"]
+    r = jobs.result("allowed")
+    assert r.out["moved"]["type"] == "RemoteCodeViolation"
+    assert "moved main ran" not in r.marks
+    [event] = [e for e in remote_events(r.events) if "moved-code" in e["target"]]
+    assert event["target"] == f"other/moved-code@{fx['moved_new_commit']}/configuration_tiny.py"
+    assert f"only at {info['code_commit']}" in event["rule"]
+
+
+def test_reregistration_model_class(fx, jobs):
+    r = jobs.result("rr_model")
+    trusted_module = fx["trusted"]["module_names"]["modeling_tiny"]
+    assert r.out["trusted"] == {"ok": True, "value": trusted_module}
+    # evil/mixed names the trusted config code and its own model code: the registry would hand it the
+    # trusted model class without running its code; that is decided, and refused
+    assert r.out["mixed"]["type"] == "RemoteCodeViolation"
+    assert "rr modeling ran" not in r.marks and r.marks == []
+    [event] = remote_events(r.events)
+    assert event["target"] == f"evil/rr-code@{fx['rr_code_commit']}/modeling_tiny.py"
+    assert event["detail"]["registered_from"] == f"other/trusted-code@{fx['trusted']['code_commit']}/modeling_tiny.py"
+    assert "would hand it" in event["rule"]
+    assert chain_of(event)[0] == ("from_pretrained", f"evil/mixed@{fx['mixed_commit']}")
+    assert r.out["trusted_again"] == {"ok": True, "value": trusted_module}
+    # unguarded, evil/mixed silently gets the trusted class (its own code never even asked for)
+    u = jobs.result("unguarded")
+    assert u.out["mixed"] == {"ok": True, "value": trusted_module}
+
+
+def test_reregistration_config_class_and_undeclared(fx, jobs):
+    r = jobs.result("rr_config")
+    assert r.out["own_config"]["type"] == "RemoteCodeViolation"
+    assert r.out["plain"]["type"] == "RemoteCodeViolation"
+    assert r.marks == []
+    own, plain = remote_events(r.events)
+    assert own["target"] == f"evil/rr-code@{fx['rr_code_commit']}/configuration_tiny.py"
+    assert own["detail"]["registered_from"].endswith("/configuration_tiny.py")
+    assert plain["target"] == f"evil/plain@{fx['plain_commit']}"
+    assert "declares no remote code" in plain["rule"]
+    assert "repo: evil/plain" in plain["allowlist"]
+
+
+def test_local_folder_blocked(fx, jobs):
+    info = fx["local_evil"]
+    r = jobs.result("local_blocked")
+    assert r.out["load"]["type"] == "RemoteCodeViolation"
+    assert r.marks == []
+    [event] = remote_events(r.events)
+    folder = os.path.realpath(info["path"])
+    revision = remote_code.local_revision(folder)
+    assert event["target"] == f"{folder}@{revision}/configuration_tiny.py"
+    assert chain_of(event) == [("from_pretrained", folder), ("remote_code", event["target"])]
+    u = jobs.result("unguarded")
+    assert {"local configuration ran", "local modeling ran"} <= set(u.marks)
+
+
+def test_local_folder_pinned_and_changed(fx, jobs):
+    info = fx["local_ok"]
+    r = jobs.result("local_pinned")
+    assert r.out["ok"]["ok"], r.out["ok"]
+    y = r.out["ok"]["value"]["y"]
+    assert all(abs(a - b) < 1e-5 for a, b in zip(y, hf.expected_output(info["weights"], X)))
+    assert r.out["changed"]["type"] == "RemoteCodeViolation"
+    assert "changed local ran" not in r.marks
+    [event] = remote_events(r.events)
+    assert event["target"].startswith(os.path.realpath(fx["local_changed"]["path"]) + "@")
+    assert "only at" in event["rule"]  # the folder's code revision changed with the file
+
+
+def test_custom_config_class(fx, jobs):
+    r = jobs.result("configs")
+    assert r.out["ok"] == {"ok": True, "value": [fx["config_ok"]["module_names"]["configuration_tiny"], 4]}
+    assert r.out["evil"]["type"] == "RemoteCodeViolation"
+    assert r.marks == []
+    [event] = remote_events(r.events)
+    assert chain_of(event)[0] == ("from_pretrained", f"acme/tiny-config-evil@{fx['config_evil']['commit']}")
+    assert jobs.result("unguarded").out["config"]["ok"]
+
+
+def test_audit_mode_chains(fx, jobs):
+    info = fx["evil"]
+    r = jobs.result("audit")
+    assert r.out["load"] == {"ok": True, "value": info["module_names"]["modeling_tiny"]}  # audit never blocks
+    events = remote_events(r.events)
+    assert {e["decision"] for e in events} == {"audited"}
+    head = ("from_pretrained", f"acme/evil-transitive@{info['commit']}")
+    got = {e["target"]: chain_of(e) for e in events}
+    for name in ("configuration_tiny.py", "modeling_tiny.py", "helpers_tiny.py"):
+        target = f"evil/code@{info['code_commit']}/{name}"
+        assert got[target] == [head, ("remote_code", target)]
+
+
+def test_late_activation_rebinds_every_site(jobs):
+    r = jobs.result("late")
+    assert r.out["before"] == {"auto_factory": False}
+    assert all(r.out["sites"].values()), r.out["sites"]
+    assert r.out["refused"] == "RemoteCodeViolation"
+    assert all(r.out["restored"].values()), r.out["restored"]
+
+
+# --------------------------------------------------------------------------------------- in process
+
+
+def test_tmtguard_never_imports_transformers(tmp_path):
+    code = "import sys, tmtguard; print(sorted(m for m in ('transformers', 'huggingface_hub', 'torch') if m in sys.modules))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TMTGUARD_")}
+    env["TMTGUARD_MODE"] = "enforce"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def _fake_dmu(**overrides):
+    module = types.ModuleType(hfguard.DMU)
+    src = '''
+HF_MODULES_CACHE = "/nonexistent"
+def get_relative_import_files(module_file): return []
+def check_imports(filename):
+    return importlib.import_module(filename)
+def get_cached_module_file(pretrained_model_name_or_path, module_file, revision=None):
+    return check_imports(module_file)
+def get_class_in_module(class_name, module_path, *, force_reload=False):
+    return spec_from_file_location(HF_MODULES_CACHE).loader.exec_module(get_relative_import_files)
+def get_class_from_dynamic_module(class_reference, pretrained_model_name_or_path, **kwargs):
+    return get_class_in_module(class_reference, get_cached_module_file(pretrained_model_name_or_path, class_reference))
+'''
+    exec(compile(src, "<fake dynamic_module_utils>", "exec"), module.__dict__)
+    for name, value in overrides.items():
+        setattr(module, name, value)
+    for value in vars(module).values():
+        if isinstance(value, types.FunctionType):
+            value.__module__ = hfguard.DMU
+    return module
+
+
+def test_internals_check_accepts_the_shape_it_guards():
+    hfguard.verify(_fake_dmu())
+
+
+def test_changed_internals_fail_loudly(guard):
+    events = guard(mode="enforce")
+    ns: dict = {}
+    exec("def get_cached_module_file(pretrained_model_name_or_path, module_file):\n    return module_file\n"
+         "def run(path):\n    return importlib.util.spec_from_file_location('x', path).loader.exec_module(path)\n", ns)
+    fake = _fake_dmu(get_cached_module_file=ns["get_cached_module_file"], run_module_code=ns["run"])
+    with pytest.raises(tmtguard.GuardError) as err:
+        hfguard._patch_dmu(fake)
+    message = str(err.value)
+    assert "get_cached_module_file no longer calls check_imports" in message
+    assert "run_module_code uses exec_module" in message or "run_module_code uses spec_from_file_location" in message
+    assert events and events[-1]["action"] == "remote_code.load" and events[-1]["decision"] == "blocked"
+    assert not hasattr(fake.check_imports, "_tmtguard_original")  # nothing half-patched
+    # audit: recorded, never raised
+    events = guard(mode="audit")
+    hfguard._patch_dmu(fake)
+    assert events[-1]["decision"] == "audited" and "no longer match" in events[-1]["rule"]
+
+
+def test_match_reasons(tmp_path):
+    src = parse(
+        "version: 1\nremote_code:\n  allow:\n"
+        "    - repo: org/code\n      revision: " + "a" * 40 + "\n      files:\n        m.py: sha256:" + "b" * 64 + "\n"
+        "    - repo: " + str(tmp_path) + "\n      revision: " + remote_code.local_revision(str(tmp_path)) + "\n",
+        "x.yaml").remote_code
+    code = remote_code.CodeFile("org/code", "a" * 40, "m.py", "/x/m.py")
+    assert remote_code.match(src, code, "b" * 64)[0] is not None
+    assert "pins " + "b" * 64 in remote_code.match(src, code, "c" * 64)[1]
+    other = remote_code.CodeFile("org/code", "a" * 40, "n.py", "/x/n.py")
+    assert "lists m.py, not n.py" in remote_code.match(src, other, "b" * 64)[1]
+    assert "only at " + "a" * 40 in remote_code.match(src, remote_code.CodeFile("org/code", "d" * 40, "m.py", ""), "b" * 64)[1]
+    assert "no remote_code.allow entry names org/else" in remote_code.match(src, remote_code.CodeFile("org/else", "a" * 40, "m.py", ""), None)[1]
+    # a branch name never matches, even where a rule's revision is spelled the same way
+    assert remote_code.match(src, remote_code.CodeFile("org/code", "main", "m.py", ""), "b" * 64)[0] is None
+    # a local folder: by real path and its code revision; no files listed -> any file of that revision
+    (tmp_path / "modeling_x.py").write_text("x = 1\n")
+    rev = remote_code.local_revision(str(tmp_path))
+    local = remote_code.local_file(str(tmp_path), str(tmp_path / "modeling_x.py"))
+    assert local.revision == rev and local.file == "modeling_x.py" and local.repo == os.path.realpath(tmp_path)
+    assert remote_code.match(src, local, None)[0] is None  # the revision changed with the new file
+    # the hub layout
+    hub = remote_code.hub_file(f"/c/models--org--my-model/snapshots/{'e' * 40}/sub/gen.py")
+    assert (hub.repo, hub.revision, hub.file) == ("org/my-model", "e" * 40, "sub/gen.py")
+
+
+def test_pin_cli_errors_and_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TMTGUARD_")}
+    proc = subprocess.run([sys.executable, "-m", "tmtguard", "pin", "nobody/nothing", "--cache-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1 and "not in the local cache" in proc.stderr
+    info = hf.local_custom_folder(tmp_path / "m", with_helper=True)
+    text = pinning.render(str(info["path"]), pinning.pin(str(info["path"])))
+    [rule] = parse(text, "pin.yaml").remote_code
+    assert rule.repo == os.path.realpath(info["path"]) and rule.revision == remote_code.local_revision(rule.repo)
+    assert dict(rule.files) == {n: digest(info["files"][n]) for n in ("configuration_tiny.py", "modeling_tiny.py", "helpers_tiny.py")}

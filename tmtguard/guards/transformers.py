@@ -1,0 +1,781 @@
+"""The transformers remote-code guard: ``trust_remote_code=True`` runs only pinned, allowlisted code.
+
+Every remote-code path of transformers 5.x (configs, models, tokenizers, processors, feature
+extractors, image and video processors, pipelines, ``custom_generate``) goes through four functions
+of ``transformers.dynamic_module_utils``, which call one another through that module's globals:
+
+    get_class_from_dynamic_module(class_ref, model)      "other/repo--module.Class": another repo
+      -> get_cached_module_file(repo, "module.py")        resolve the snapshot file, then
+           -> check_imports(snapshot file)                 import every top-level import (third-party
+                                                           code runs HERE, before the file itself),
+              copy to HF_MODULES_CACHE if missing, recurse into missing relative imports
+      -> get_class_in_module(Class, copy)                 exec the COPY (spec_from_file_location)
+
+The decision is taken in ``check_imports``, before any import, on the file that was resolved: its
+repo, its commit (read from the snapshot path, so the ``main`` of a transitive repo is pinned to
+what is really there), its name and its sha256 (``remote_code.allow``). ``get_cached_module_file``
+then checks that the copy it made (or found: transformers never refreshes an existing hub copy)
+equals the snapshot, and ``get_class_in_module`` checks again, right before ``exec``, the copy and
+every file it imports relatively (deciding those it never fetched), that no package ``__init__``,
+extension module or folder shadows them, and drops their ``__pycache__`` entries, so that what runs is
+what was decided. Each file is then model code (``provenance.register_model_code``) with the chain
+``from_pretrained(org/model@commit) -> remote_code(other/repo@commit/modeling_x.py)``: its imports,
+processes, files and network, at load and at inference, are checked by the other guards.
+
+Patched where they are looked up: the module globals of ``dynamic_module_utils`` (wrapt post-import
+hook, so tmtguard never imports transformers itself) and every module that bound them by name
+(``auto_factory``, ``configuration_auto``, ... ``pipelines``, ``generation.utils``, and any other found
+holding the originals). A module imported later binds the replacements, since it imports
+``dynamic_module_utils`` first. If those internals no longer look as this guard expects, the hook
+fails loudly: ``GuardError`` in enforce (the import of transformers' auto classes fails), an event in
+audit.
+
+The auto classes' ``from_pretrained`` / ``from_config`` only note which model is being loaded (the
+head of the chain): the frame is pushed while that model's code is checked and run, not around the
+whole load, so that transformers' own downloads, token and cache files are not policed as the
+model's. They also close the re-registration gap: a class registered from one repo's code that a
+registry hands to another load (``AutoModel.register``, ``AutoConfig.register``) is decided like the
+code that load declares.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import sys
+import types
+from contextvars import ContextVar
+from importlib.machinery import EXTENSION_SUFFIXES
+
+import wrapt
+
+from .. import decision, provenance, remote_code
+from ..decision import RemoteCodeViolation
+
+DMU = "transformers.dynamic_module_utils"
+ACTION = "remote_code.load"
+DYNAMIC_PREFIX = "transformers_modules."
+
+# dynamic_module_utils functions replaced, with the parameters the replacements rely on, and the
+# names each must look up at call time (module globals) for the replacements to be reached.
+EXPECTED = {
+    "get_class_from_dynamic_module": (("class_reference", "pretrained_model_name_or_path"),
+                                      ("get_cached_module_file", "get_class_in_module")),
+    "get_cached_module_file": (("pretrained_model_name_or_path", "module_file"), ("check_imports",)),
+    "check_imports": (("filename",), ("import_module",)),
+    "get_class_in_module": (("class_name", "module_path"), ("exec_module", "HF_MODULES_CACHE")),
+}
+# Names that import or run code: in dynamic_module_utils only these functions may use them.
+CODE_RUNNING = {"exec_module": "get_class_in_module", "spec_from_file_location": "get_class_in_module",
+                "module_from_spec": "get_class_in_module", "import_module": "check_imports",
+                "exec": None, "eval": None, "load_module": None, "run_path": None, "run_module": None}
+
+# Where the auto classes are (context only: which model is loaded, which auto class asked).
+ENTRY_POINTS = {
+    "transformers.models.auto.auto_factory": (("_BaseAutoModelClass", "from_pretrained"),
+                                              ("_BaseAutoModelClass", "from_config"),
+                                              ("_BaseAutoBackboneClass", "from_pretrained")),
+    "transformers.models.auto.configuration_auto": (("AutoConfig", "from_pretrained"),),
+    "transformers.models.auto.tokenization_auto": (("AutoTokenizer", "from_pretrained"),),
+    "transformers.models.auto.feature_extraction_auto": (("AutoFeatureExtractor", "from_pretrained"),),
+    "transformers.models.auto.image_processing_auto": (("AutoImageProcessor", "from_pretrained"),),
+    "transformers.models.auto.processing_auto": (("AutoProcessor", "from_pretrained"),),
+    "transformers.models.auto.video_processing_auto": (("AutoVideoProcessor", "from_pretrained"),),
+}
+# Modules of transformers 5.x known to bind dynamic_module_utils functions by name (rebound here, and
+# by the sweep of every loaded module when dynamic_module_utils is patched).
+BINDING_SITES = tuple(ENTRY_POINTS) + ("transformers.pipelines", "transformers.generation.utils")
+
+_on = False
+_policy = None
+_hooked = False
+_patched: list = []  # (owner, attribute, original, replacement): restored by uninstall, kept by tamper.verify
+_replacements: dict = {}  # id(original function) -> (original, replacement), one replacement per original
+
+_decided: dict = {}  # real path of a modules-cache copy -> _Record it was decided as
+_origins: dict = {}  # class returned by get_class_in_module -> _Record of its file
+
+
+class _Record:
+    __slots__ = ("code", "digest")
+
+    def __init__(self, code, digest):
+        self.code = code
+        self.digest = digest
+
+
+class _Load:
+    """One from_pretrained / from_config / direct get_class_from_dynamic_module call: the model whose
+    code may run (the head of the chain), resolved only when remote code is involved."""
+
+    __slots__ = ("loader", "name", "revision", "cache_dir", "label", "path", "repo", "commit", "resolved",
+                 "delivered", "checked")
+
+    def __init__(self, loader, name, revision, cache_dir):
+        self.loader = loader
+        self.name = name
+        self.revision = revision
+        self.cache_dir = cache_dir
+        self.resolved = False
+        self.label = self.path = self.repo = self.commit = None
+        self.delivered = set()  # classes the dynamic path handed this load
+        self.checked = set()  # registry-served classes already decided for this load
+
+
+class _Request:
+    __slots__ = ("repo", "module_file", "record")
+
+    def __init__(self, repo, module_file):
+        self.repo = repo
+        self.module_file = module_file
+        self.record = None
+
+
+_LOAD: ContextVar = ContextVar("tmtguard_hf_load", default=None)
+_AUTO: ContextVar = ContextVar("tmtguard_hf_auto_class", default=None)
+_REQUEST: ContextVar = ContextVar("tmtguard_hf_request", default=None)
+
+
+# --- the head of the chain: the model being loaded ------------------------------------------------
+
+
+def _hub_cache() -> str:
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None and getattr(constants, "HF_HUB_CACHE", None):
+        return constants.HF_HUB_CACHE
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~/.cache"), "huggingface")
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+
+
+def hub_commit(repo: str, revision=None, cache_dir=None) -> str | None:
+    """The commit ``revision`` (default ``main``) of ``repo`` names in the local hub cache, or None."""
+    resolved = getattr(revision, "resolved", None)
+    if isinstance(resolved, str) and remote_code.COMMIT.match(resolved):
+        return resolved
+    rev = str(revision) if revision else "main"
+    if remote_code.COMMIT.match(rev):
+        return rev
+    ref = os.path.join(os.fspath(cache_dir) if cache_dir else _hub_cache(), "models--" + repo.replace("/", "--"), "refs", rev)
+    with provenance.internal():
+        try:
+            with open(ref, encoding="utf-8") as fh:
+                commit = fh.read().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+    return commit if remote_code.COMMIT.match(commit) else None
+
+
+def _resolve(load: _Load, code=None) -> None:
+    if not load.resolved:
+        load.resolved = True
+        name = os.fspath(load.name) if load.name is not None else None
+        if not isinstance(name, str):
+            load.label = "?"
+        elif os.path.isdir(name):
+            load.path = load.label = os.path.realpath(name)
+        else:
+            load.repo = name
+            load.commit = hub_commit(name, load.revision, load.cache_dir)
+            load.label = f"{name}@{load.commit}" if load.commit else name
+    if code is not None and load.commit is None and load.repo is not None and code.repo == load.repo and not code.local:
+        load.commit = code.revision  # the model's own code told us its commit
+        load.label = f"{load.repo}@{load.commit}"
+
+
+def _head_spec(load: _Load | None, code=None):
+    if load is None:
+        return None
+    with provenance.internal():
+        _resolve(load, code)
+    return (load.loader, load.label, load.path, load.repo, load.commit, None)
+
+
+def _code_spec(code, digest):
+    return ("remote_code", code.target, code.path, code.repo, code.revision or None, digest)
+
+
+def _frame(spec) -> provenance.LoadFrame:
+    loader, label, path, repo, revision, digest = spec
+    return provenance.LoadFrame(loader, label, path=path, repo=repo, revision=revision, container=True, sha256=digest)
+
+
+class _Pushed:
+    """Push frames (outermost first) for the duration of a block; pops them with the block's error."""
+
+    __slots__ = ("specs", "held")
+
+    def __init__(self, *specs):
+        self.specs = [s for s in specs if s is not None]
+        self.held = []
+
+    def __enter__(self):
+        for loader, label, path, repo, revision, digest in self.specs:
+            self.held.append(provenance.push(loader, (label, path, None, None), container=True, repo=repo,
+                                             revision=revision, sha256=digest))
+        return provenance.peek()
+
+    def __exit__(self, exc_type, exc, tb):
+        for frame, token in reversed(self.held):
+            provenance.pop(frame, token, exc)
+        return False
+
+
+# --- decisions ---------------------------------------------------------------------------------------
+
+
+def _refuse(code, digest, rule, chain, *, suggestion=None, detail=None):
+    info = {"repo": code.repo, "revision": code.revision, "file": code.file, "sha256": digest, "snapshot": code.path}
+    info.update(detail or {})
+    return decision.refuse(ACTION, code.target, rule, chain=chain, suggestion=suggestion,
+                           violation=RemoteCodeViolation, detail=info)
+
+
+def _decide(code, digest, chain) -> None:
+    src, why = remote_code.match(_policy.remote_code, code, digest)
+    if src is not None:
+        return
+    hint = None
+    if code.revision:
+        with provenance.internal():
+            hint = remote_code.suggestion(code)
+        hint += "\n# or review and pin every repo the model pulls code from: tmtguard pin <model>"
+    _refuse(code, digest, f"remote code {code.target} is not allowed: {why}", chain, suggestion=hint)
+
+
+def _tampered(code, digest, copy, copy_digest, chain) -> None:
+    _refuse(code, digest,
+            f"the modules-cache copy that would run ({copy}) has sha256 {copy_digest or 'unreadable'}, but "
+            f"{code.path} has {digest}: the copy was modified (transformers never refreshes an existing "
+            "copy); delete it to let transformers copy the snapshot again",
+            chain, detail={"copy": copy, "copy_sha256": copy_digest})
+
+
+def _identify(filename: str, req: _Request | None):
+    if req is not None and req.repo is not None and os.path.isdir(req.repo):
+        return remote_code.local_file(req.repo, filename)
+    code = remote_code.hub_file(filename)
+    if code is not None:
+        return code
+    folder = os.path.dirname(filename)
+    if req is not None and req.module_file:  # a nested module file: its folder is the repo's root
+        for _ in range(str(req.module_file).count("/")):
+            folder = os.path.dirname(folder)
+    return remote_code.local_file(folder, filename)
+
+
+def _modules_cache() -> str:
+    return getattr(sys.modules.get(DMU), "HF_MODULES_CACHE", None) or ""
+
+
+# --- the replacements ----------------------------------------------------------------------------------
+
+
+def _check_imports(original):
+    @functools.wraps(original)
+    def check_imports(filename):
+        if not _on:
+            return original(filename)
+        req = _REQUEST.get()
+        try:
+            with provenance.internal():
+                path = os.fspath(filename)
+                code = _identify(path, req)
+                digest = provenance.file_digest(path)
+            head = _head_spec(_LOAD.get(), code)
+        except Exception as exc:
+            decision.failed(ACTION, str(filename), exc)
+            return original(filename)
+        with _Pushed(head, _code_spec(code, digest)) as chain:
+            _decide(code, digest, chain)
+            if req is not None:
+                req.record = _Record(code, digest)
+            return original(filename)
+
+    return check_imports
+
+
+def _get_cached_module_file(original):
+    @functools.wraps(original)
+    def get_cached_module_file(*args, **kwargs):
+        if not _on:
+            return original(*args, **kwargs)
+        repo = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        module_file = args[1] if len(args) > 1 else kwargs.get("module_file")
+        req = _Request(os.fspath(repo) if repo is not None else None, module_file)
+        token = _REQUEST.set(req)
+        try:
+            relpath = original(*args, **kwargs)
+        finally:
+            _REQUEST.reset(token)
+        _adopt_copy(relpath, req)
+        return relpath
+
+    return get_cached_module_file
+
+
+def _adopt_copy(relpath, req: _Request) -> None:
+    """The copy get_cached_module_file made (or found) must be the snapshot file it decided."""
+    copy = os.path.join(_modules_cache(), os.fspath(relpath))
+    rec = req.record
+    if rec is None:
+        decision.failed(ACTION, copy, RuntimeError(
+            "get_cached_module_file returned a module without calling check_imports through "
+            f"{DMU}'s globals: this transformers version's remote-code internals no longer match what "
+            "tmtguard guards"))
+        return
+    with provenance.internal():
+        copy_digest = provenance.file_digest(copy)
+    if copy_digest != rec.digest:
+        with _Pushed(_head_spec(_LOAD.get()), _code_spec(rec.code, rec.digest)) as chain:
+            _tampered(rec.code, rec.digest, copy, copy_digest, chain)
+    _decided[os.path.realpath(copy)] = rec
+
+
+def _get_class_in_module(original):
+    @functools.wraps(original)
+    def get_class_in_module(class_name, module_path, *args, **kwargs):
+        if not _on:
+            return original(class_name, module_path, *args, **kwargs)
+        load = _LOAD.get()
+        copy = os.path.join(_modules_cache(), os.fspath(module_path))
+        main = _decided.get(os.path.realpath(copy))
+        head = _head_spec(load, main.code if main else None)
+        with _Pushed(head):
+            outer = provenance.peek()
+            try:
+                files = _plan(copy, main, outer)
+            except decision.Violation:
+                raise
+            except Exception as exc:
+                decision.failed(ACTION, copy, exc)
+                files = []
+            for name, rec in files:
+                chain = outer + (_frame(_code_spec(rec.code, rec.digest)),)
+                for alias in name:
+                    provenance.register_model_code(alias, chain)
+            spec = _code_spec(main.code, main.digest) if main else ("remote_code", copy, copy, None, None, None)
+            with _Pushed(spec):
+                cls = original(class_name, module_path, *args, **kwargs)
+        if main is not None and isinstance(cls, type):
+            _origins[cls] = main
+        if load is not None:
+            load.delivered.add(cls)
+        return cls
+
+    return get_class_in_module
+
+
+def _plan(copy: str, main: _Record | None, outer: tuple) -> list:
+    """Right before exec: decide the copy and every file it imports relatively; returns
+    [((names the file runs under...), _Record)] to register as model code."""
+    base = _modules_cache()
+    modpath = (str(_as_path(copy)), os.path.abspath(copy))
+    if main is None:
+        code = remote_code.CodeFile("?", "", os.path.relpath(copy, base), copy, local=True)
+        decision.refuse(ACTION, copy,
+                        f"remote code {copy} was not fetched through get_cached_module_file, so tmtguard "
+                        "never decided it (get_class_in_module called directly)",
+                        chain=outer + (_frame(("remote_code", copy, copy, None, None, None)),),
+                        violation=RemoteCodeViolation, detail={"copy": copy})
+        return [((*modpath, copy), _Record(code, None))]
+    with provenance.internal():
+        copy_digest = provenance.file_digest(copy)
+    if copy_digest != main.digest:
+        _tampered(main.code, main.digest, copy, copy_digest, outer + (_frame(_code_spec(main.code, main.digest)),))
+    files = [((*modpath, copy), main)]
+    folder = os.path.dirname(copy)
+    with provenance.internal():
+        related = sys.modules[DMU].get_relative_import_files(copy)
+    for rel_copy in related:
+        real = os.path.realpath(rel_copy)
+        name = os.path.relpath(rel_copy, folder).replace(os.sep, "/")
+        file = posixpath.normpath(posixpath.join(posixpath.dirname(main.code.file), name))
+        rec = _decided.get(real)
+        if rec is None or rec.code.file != file or rec.code.repo != main.code.repo:
+            snapshot = os.path.join(main.code.root, *file.split("/"))
+            code = remote_code.CodeFile(main.code.repo, main.code.revision, file, snapshot, main.code.local)
+            with provenance.internal():
+                digest = provenance.file_digest(snapshot)
+            rec = _Record(code, digest)
+            _decide(code, digest, outer + (_frame(_code_spec(code, digest)),))
+        with provenance.internal():
+            rel_digest = provenance.file_digest(rel_copy)
+        if rel_digest != rec.digest:
+            _tampered(rec.code, rec.digest, rel_copy, rel_digest, outer + (_frame(_code_spec(rec.code, rec.digest)),))
+        _decided[real] = rec
+        files.append(((rel_copy, os.path.abspath(rel_copy)), rec))
+    for names, rec in files:
+        problem = _shadowed(names[-1], base)
+        if problem:
+            _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}",
+                    outer + (_frame(_code_spec(rec.code, rec.digest)),), detail={"copy": names[-1]})
+    return files
+
+
+def _as_path(copy: str):
+    from pathlib import Path
+
+    return Path(copy)
+
+
+def _shadowed(copy: str, base: str) -> str | None:
+    """What would run instead of (or before) the verified copy: a non-empty package ``__init__`` or
+    another ``__init__`` file, an extension module or a package folder of the same name; stale
+    ``__pycache__`` entries are removed so that Python compiles the verified source."""
+    with provenance.internal():
+        folder, name = os.path.split(copy)
+        stem = name[:-3] if name.endswith(".py") else name
+        if os.path.isdir(os.path.join(folder, stem)):
+            return f"a package folder {os.path.join(folder, stem)} shadows {copy}"
+        for suffix in EXTENSION_SUFFIXES:
+            if os.path.exists(os.path.join(folder, stem + suffix)):
+                return f"an extension module {os.path.join(folder, stem + suffix)} shadows {copy}"
+        cache = os.path.join(folder, "__pycache__")
+        try:
+            stale = [n for n in os.listdir(cache) if n.startswith(stem + ".") and n.endswith(".pyc")]
+        except OSError:
+            stale = []
+        for n in stale:
+            try:
+                os.unlink(os.path.join(cache, n))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                return f"cannot remove the cached bytecode {os.path.join(cache, n)} of {copy}: {exc.strerror}"
+        root = os.path.realpath(base)
+        d = os.path.realpath(folder)
+        while d.startswith(root + os.sep):
+            try:
+                inits = [n for n in os.listdir(d) if n.startswith("__init__.")]
+            except OSError:
+                inits = []
+            for n in inits:
+                p = os.path.join(d, n)
+                if n != "__init__.py" or os.path.getsize(p) != 0:
+                    return f"{p} is not the empty package file transformers creates"
+            d = os.path.dirname(d)
+    return None
+
+
+def _get_class_from_dynamic_module(original):
+    @functools.wraps(original)
+    def get_class_from_dynamic_module(class_reference, pretrained_model_name_or_path, *args, **kwargs):
+        if not _on or _LOAD.get() is not None:
+            return original(class_reference, pretrained_model_name_or_path, *args, **kwargs)
+        load = _Load("get_class_from_dynamic_module", pretrained_model_name_or_path, kwargs.get("revision"),
+                     kwargs.get("cache_dir"))
+        token = _LOAD.set(load)
+        try:
+            return original(class_reference, pretrained_model_name_or_path, *args, **kwargs)
+        finally:
+            _LOAD.reset(token)
+
+    return get_class_from_dynamic_module
+
+
+REPLACEMENTS = {
+    "get_class_from_dynamic_module": _get_class_from_dynamic_module,
+    "get_cached_module_file": _get_cached_module_file,
+    "check_imports": _check_imports,
+    "get_class_in_module": _get_class_in_module,
+}
+
+
+# --- the auto classes: which model, and classes served from the registries -------------------------------
+
+
+def _entry(loader: str, func):
+    @functools.wraps(func)
+    def entry(cls, *args, **kwargs):
+        if not _on:
+            return func(cls, *args, **kwargs)
+        if loader == "from_config":
+            config = args[0] if args else kwargs.get("config")
+            name = getattr(config, "name_or_path", None) or None
+        else:
+            name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        current = _LOAD.get()
+        load_token = None
+        if current is None or current.name != name:
+            load_token = _LOAD.set(_Load(loader, name, kwargs.get("revision"), kwargs.get("cache_dir")))
+        auto_token = _AUTO.set(cls.__name__)
+        try:
+            result = func(cls, *args, **kwargs)
+            obj = result[0] if isinstance(result, tuple) and result else result
+            served = type(obj)
+            if served in _origins or served.__module__.startswith(DYNAMIC_PREFIX):
+                _check_served(served, _holder(obj))
+            return result
+        finally:
+            _AUTO.reset(auto_token)
+            if load_token is not None:
+                _LOAD.reset(load_token)
+
+    entry._tmtguard_original = func
+    return entry
+
+
+def _holder(obj):
+    config = getattr(obj, "config", None)
+    return config if config is not None and hasattr(config, "auto_map") else obj
+
+
+def _get_model_class(original):
+    @functools.wraps(original)
+    def _get_model_class(config, model_mapping):
+        model_class = original(config, model_mapping)
+        if _on and (model_class in _origins or getattr(model_class, "__module__", "").startswith(DYNAMIC_PREFIX)):
+            _check_served(model_class, config)
+        return model_class
+
+    return _get_model_class
+
+
+def _origin_of(cls) -> _Record | None:
+    rec = _origins.get(cls)
+    if rec is None:
+        module = sys.modules.get(getattr(cls, "__module__", ""))
+        path = getattr(module, "__file__", None)
+        rec = _decided.get(os.path.realpath(path)) if path else None
+    return rec
+
+
+def _declared(holder, auto_name) -> list:
+    amap = getattr(holder, "auto_map", None)
+    if not isinstance(amap, dict):
+        amap = (getattr(holder, "init_kwargs", None) or {}).get("auto_map")
+    if not isinstance(amap, dict) or auto_name is None:
+        return []
+    value = amap.get(auto_name)
+    return [r for r in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(r, str)]
+
+
+def _same_code(parsed, rec: _Record, cls) -> bool:
+    repo, module_file, class_name = parsed
+    code = rec.code
+    same_repo = os.path.realpath(repo) == code.repo if code.local else repo == code.repo
+    return same_repo and module_file == code.file and class_name == cls.__name__
+
+
+def _check_served(cls, holder) -> None:
+    """A registry (AutoModel.register, AutoConfig.register, ...) hands this load a class that remote
+    code of some repo defined, without loading the code this load's repo declares. Decide it as that
+    declared code (or, when the repo declares none, as the repo itself) before the load goes on."""
+    load = _LOAD.get()
+    if load is not None:
+        if cls in load.delivered or cls in load.checked:
+            return
+        load.checked.add(cls)
+    auto_name = _AUTO.get()
+    model = os.fspath(load.name) if load is not None and load.name is not None else getattr(holder, "name_or_path", "")
+    origin = _origin_of(cls)
+    declared = _declared(holder, auto_name)
+    parsed = [p for p in (remote_code.parse_ref(r, str(model)) for r in declared) if p is not None]
+    if origin is not None:
+        for p in parsed:
+            if _same_code(p, origin, cls):
+                # the code this repo declares is the code that was registered: decide it again, as is
+                _decide(origin.code, origin.digest, provenance.peek() + _head_frames(load) +
+                        (_frame(_code_spec(origin.code, origin.digest)),))
+                return
+    where = origin.code.target if origin is not None else cls.__module__
+    what = f"{cls.__module__}.{cls.__qualname__} (registered from {where})"
+    if parsed:
+        code = _declared_code(parsed[0], load)
+        with provenance.internal():
+            digest = provenance.file_digest(code.path) if code.path else None
+        src, why = remote_code.match(_policy.remote_code, code, digest)
+        if src is not None:
+            return
+        hint = None
+        if code.revision and digest:
+            with provenance.internal():
+                hint = remote_code.suggestion(code)
+        _refuse(code, digest,
+                f"{model} declares {declared[0]} for {auto_name}, but transformers would hand it {what} "
+                f"without loading that code; and the declared code is not allowed: {why}",
+                provenance.peek() + _head_frames(load) + (_frame(_code_spec(code, digest)),),
+                suggestion=hint, detail={"registered_class": f"{cls.__module__}.{cls.__qualname__}",
+                                         "registered_from": where, "declared": declared[0]})
+        return
+    head = _head_frames(load)
+    local = load is not None and load.path is not None
+    repo = load.path if local else str(model)
+    revision = (remote_code.local_revision(repo) if local else load.commit) if load is not None else None
+    if revision and remote_code.repo_allowed(_policy.remote_code, repo, revision, local) is not None:
+        return
+    target = f"{repo}@{revision or '?'}"
+    decision.refuse(ACTION, target,
+                    f"{repo} declares no remote code for {auto_name}, but transformers would hand it {what}; "
+                    f"no remote_code.allow entry names {target}",
+                    chain=provenance.peek() + head, violation=RemoteCodeViolation,
+                    suggestion="\n".join(["remote_code:", "  allow:"] + remote_code.entry_lines(repo, revision, {}))
+                    if revision else None,
+                    detail={"repo": repo, "revision": revision, "registered_class": f"{cls.__module__}.{cls.__qualname__}",
+                            "registered_from": where})
+
+
+def _head_frames(load) -> tuple:
+    spec = _head_spec(load)
+    return (_frame(spec),) if spec is not None else ()
+
+
+def _declared_code(parsed, load):
+    repo, module_file, _cls = parsed
+    if os.path.isdir(repo):
+        folder = os.path.realpath(repo)
+        return remote_code.local_file(folder, os.path.join(folder, *module_file.split("/")))
+    if load is not None and load.repo == repo and load.commit:
+        commit = load.commit
+    else:
+        commit = hub_commit(repo, None, load.cache_dir if load is not None else None)
+    cache = os.fspath(load.cache_dir) if load is not None and load.cache_dir else _hub_cache()
+    path = os.path.join(cache, "models--" + repo.replace("/", "--"), "snapshots", commit or "?", *module_file.split("/"))
+    return remote_code.CodeFile(repo, commit or "", module_file, path if commit else "")
+
+
+# --- patching --------------------------------------------------------------------------------------------
+
+
+class InternalsChanged(RuntimeError):
+    """transformers' remote-code internals do not look like what this guard patches."""
+
+
+def verify(dmu) -> None:
+    """Raise InternalsChanged naming what differs from the transformers 5.x internals guarded here."""
+    problems = []
+    for name, (params, calls) in EXPECTED.items():
+        fn = getattr(dmu, name, None)
+        fn = getattr(fn, "_tmtguard_original", fn)
+        if not isinstance(fn, types.FunctionType):
+            problems.append(f"{name} is missing")
+            continue
+        code = fn.__code__
+        args = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+        missing = [p for p in params if p not in args]
+        if missing:
+            problems.append(f"{name} has no parameter {', '.join(missing)}")
+        names = _names(code)
+        absent = [c for c in calls if c not in names]
+        if absent:
+            problems.append(f"{name} no longer calls {', '.join(absent)}")
+    for attr, value in vars(dmu).items():
+        value = getattr(value, "_tmtguard_original", value)
+        if not isinstance(value, types.FunctionType) or value.__module__ != dmu.__name__:
+            continue
+        for used in _names(value.__code__) & CODE_RUNNING.keys():
+            if CODE_RUNNING[used] != attr:
+                problems.append(f"{attr} uses {used}, which this guard does not intercept")
+    if not isinstance(getattr(dmu, "HF_MODULES_CACHE", None), str):
+        problems.append("HF_MODULES_CACHE is missing")
+    if not callable(getattr(dmu, "get_relative_import_files", None)):
+        problems.append("get_relative_import_files is missing")
+    if problems:
+        version = getattr(sys.modules.get("transformers"), "__version__", "?")
+        raise InternalsChanged(f"transformers {version}: its remote-code internals no longer match what tmtguard "
+                               f"guards ({'; '.join(problems)}); remote code cannot be guarded")
+
+
+def _names(code) -> set:
+    out = set()
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        out.update(c.co_names)
+        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return out
+
+
+def _set(owner, attr: str, original, replacement) -> None:
+    setattr(owner, attr, replacement)
+    _patched.append((owner, attr, original, replacement))
+
+
+def _patch_dmu(dmu) -> None:
+    try:
+        verify(dmu)
+    except InternalsChanged as exc:
+        # enforce: GuardError (importing transformers' auto classes fails, loudly); audit: an event
+        decision.failed(ACTION, DMU, exc)
+        return
+    for name, make in REPLACEMENTS.items():
+        current = getattr(dmu, name)
+        if getattr(current, "_tmtguard_original", None) is not None:
+            continue
+        held = _replacements.get(id(current))
+        replacement = held[1] if held is not None and held[0] is current else make(current)
+        replacement._tmtguard_original = current
+        _replacements[id(current)] = (current, replacement)
+        _set(dmu, name, current, replacement)
+    _rebind()
+
+
+def _rebind() -> None:
+    """Every module holding an original (bound by name before the patch) gets the replacement."""
+    names = tuple(REPLACEMENTS)
+    for mod_name, module in list(sys.modules.items()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict) or mod_name == DMU or mod_name.startswith("tmtguard"):
+            continue
+        if mod_name.startswith("transformers"):
+            items = list(namespace.items())
+        else:
+            items = [(n, namespace.get(n)) for n in names if n in namespace]
+        for attr, value in items:
+            held = _replacements.get(id(value))
+            if held is not None and held[0] is value:
+                _set(module, attr, value, held[1])
+
+
+def _patch_entry_points(module) -> None:
+    for cls_name, method in ENTRY_POINTS.get(module.__name__, ()):
+        owner = getattr(module, cls_name, None)
+        raw = owner.__dict__.get(method) if isinstance(owner, type) else None
+        if not isinstance(raw, classmethod) or getattr(raw.__func__, "_tmtguard_original", None) is not None:
+            continue
+        _set(owner, method, raw, classmethod(_entry(method, raw.__func__)))
+    if module.__name__ == "transformers.models.auto.auto_factory":
+        current = getattr(module, "_get_model_class", None)
+        if isinstance(current, types.FunctionType) and getattr(current, "_tmtguard_original", None) is None:
+            replacement = _get_model_class(current)
+            replacement._tmtguard_original = current
+            _set(module, "_get_model_class", current, replacement)
+
+
+def _on_import(module) -> None:
+    if not _on:
+        return
+    if module.__name__ == DMU:
+        _patch_dmu(module)
+    else:
+        _patch_entry_points(module)
+        dmu = sys.modules.get(DMU)
+        if dmu is not None and getattr(getattr(dmu, "get_class_in_module", None), "_tmtguard_original", None) is None:
+            # dynamic_module_utils is there but unguarded (its own hook failed and the import was
+            # retried): try again, failing as loudly as the first time
+            _patch_dmu(dmu)
+
+
+def install(policy) -> None:
+    global _on, _policy, _hooked
+    _policy = policy
+    _on = True
+    if not _hooked:
+        _hooked = True
+        for name in (DMU,) + BINDING_SITES:
+            wrapt.register_post_import_hook(_on_import, name)  # fires now if already imported
+    else:
+        for name in (DMU,) + BINDING_SITES:
+            module = sys.modules.get(name)
+            if module is not None:
+                _on_import(module)
+
+
+def uninstall() -> None:
+    global _on
+    _on = False
+    while _patched:
+        owner, attr, original, replacement = _patched.pop()
+        current = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+        if current is replacement:
+            setattr(owner, attr, original)
