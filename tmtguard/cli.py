@@ -31,12 +31,13 @@ def effective(policy) -> dict:
         "process": {"allow": sorted(base.process)},
         "files": {"allow": sorted(base.files)},
         "code": {"allow": sorted(base.code)},
+        "native": {"allow": sorted(base.native)},
         "remote_code": {"allow": [
             {"repo": r.repo, "revision": r.revision, **({"files": {n: f"sha256:{d}" for n, d in r.files}} if r.files else {})}
             for r in policy.remote_code]},
         "artifacts": [
             {"match": {k: v for k, v in (("sha256", s.match.sha256), ("path", s.match.path), ("repo", s.match.repo)) if v},
-             **{name: {"allow": sorted(_entries(s.section, name))} for name in ("pickle", "imports", "network", "process", "files", "code") if _entries(s.section, name)}}
+             **{name: {"allow": sorted(_entries(s.section, name))} for name in ("pickle", "imports", "network", "process", "files", "code", "native") if _entries(s.section, name)}}
             for s in policy.scoped
         ],
     }
@@ -67,6 +68,48 @@ def _demo(args) -> int:
     return demo.main(keep=args.keep)
 
 
+def _run(args) -> int:
+    from . import launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("tmtguard run: name the command to run after --, e.g. tmtguard run -- python app.py", file=sys.stderr)
+        return 2
+    env = launch.child_environment(os.environ, mode=args.mode, allowlists=args.allowlist, events=args.events,
+                                   otel_exporter=args.otel_exporter)
+    return launch.run(command, env)
+
+
+def _report(args) -> int:
+    from . import report
+
+    try:
+        summary = report.summarize(report.read_events(args.events))
+    except OSError as exc:
+        print(f"tmtguard report: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2) if args.format == "json" else report.render_text(summary))
+    return 0
+
+
+def _learn(args) -> int:
+    from . import learn
+
+    try:
+        proposal = learn.propose(learn.read_events(args.events))
+    except OSError as exc:
+        print(f"tmtguard learn: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    text = learn.render(proposal, sources=args.events)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    print(learn.summary(proposal, args.output), file=sys.stderr)
+    return 3 if args.fail_on_findings and proposal.findings else 0
+
+
 def _pin(args) -> int:
     from . import pin
 
@@ -86,6 +129,30 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="build a benign and a transitive malicious checkpoint and load both under the guard")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("run", help="run a program under the guard, with no code change (tmtguard run -- python app.py)",
+                       description="Run CMD with the guard active in it and in every Python process it starts.")
+    p.add_argument("--mode", choices=("enforce", "audit", "off"), help="TMTGUARD_MODE for the program (default: "
+                   "the inherited TMTGUARD_MODE, else enforce)")
+    p.add_argument("--allowlist", action="append", default=[], metavar="FILE",
+                   help="an allowlist file (repeatable); replaces an inherited TMTGUARD_ALLOWLIST")
+    p.add_argument("--events", metavar="FILE", help="append one JSON line per decision to FILE (TMTGUARD_EVENTS)")
+    p.add_argument("--otel-exporter", choices=("global", "console", "otlp", "none"),
+                   help="where spans and metrics go (TMTGUARD_OTEL_EXPORTER)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("report", help="summarize an events file by outermost artifact and nested chain")
+    p.add_argument("events", nargs="+", metavar="EVENTS.jsonl")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("learn", help="propose the smallest allowlist that permits what an audit run recorded")
+    p.add_argument("events", nargs="+", metavar="EVENTS.jsonl")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the allowlist here (default: standard output)")
+    p.add_argument("--fail-on-findings", action="store_true",
+                   help="exit with status 3 when some recorded action cannot safely be allowed")
+    p.set_defaults(func=_learn)
 
     p = sub.add_parser("pin", help="print the remote_code allowlist entries a model needs (repos, commits, file digests)",
                        description="Resolve MODEL from the local Hugging Face cache or a folder, follow its auto_map "
