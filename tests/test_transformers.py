@@ -161,6 +161,12 @@ def fx(tmp_path_factory):
     d["config_evil"] = hf.tiny_custom_config(cache, "acme/tiny-config-evil", code_repo="evil/config-code",
                                              extra_configuration_source=mark("config code ran"), model_type="tmt-cfg-evil")
     d["config_allow"] = pinning.pin("acme/tiny-config-ok", cache_dir=str(cache))
+    # custom_generate/generate.py (model.generate(custom_generate=...)), with a relative import
+    d["gen_commit"] = hf.make_repo(cache, "acme/custom-generate", {
+        "config.json": "{}",
+        "custom_generate/generate.py": mark("custom generate ran") + "from .helper import VALUE\n"
+                                       "def generate(model, *args, **kwargs):\n    return VALUE\n",
+        "custom_generate/helper.py": "VALUE = 'generated'\n"})
     return d
 
 
@@ -348,6 +354,8 @@ def s_local_pinned(j):
 CONFIGS = r"""
 attempt("ok", lambda: [type(c).__module__, c.hidden_size] if (c := AutoConfig.from_pretrained("acme/tiny-config-ok", trust_remote_code=True)) else None)
 attempt("evil", lambda: type(AutoConfig.from_pretrained("acme/tiny-config-evil", trust_remote_code=True)).__module__)
+from transformers.generation.utils import GenerationMixin
+attempt("generate", lambda: GenerationMixin.load_custom_generate(object(), "acme/custom-generate", trust_remote_code=True)(None))
 done()
 """
 
@@ -368,6 +376,8 @@ attempt("local", lambda: type(AutoModel.from_pretrained("./local-evil", trust_re
 attempt("config", lambda: type(AutoConfig.from_pretrained("acme/tiny-config-evil", trust_remote_code=True)).__module__)
 attempt("trusted", lambda: type(AutoModel.from_pretrained("acme/trusted", trust_remote_code=True)).__module__)
 attempt("mixed", lambda: type(AutoModel.from_pretrained("evil/mixed", trust_remote_code=True)).__module__)
+from transformers.generation.utils import GenerationMixin
+attempt("generate", lambda: GenerationMixin.load_custom_generate(object(), "acme/custom-generate", trust_remote_code=True)(None))
 out["tmtguard_loaded"] = "tmtguard" in sys.modules
 done()
 """
@@ -382,6 +392,7 @@ import json, os, sys
 import transformers.dynamic_module_utils as dmu
 import transformers.models.auto.auto_factory, transformers.models.auto.configuration_auto
 import transformers.generation.utils, transformers.pipelines
+from transformers import AutoModel   # auto_class_update() has copied from_pretrained into AutoModel already
 before = {"auto_factory": hasattr(transformers.models.auto.auto_factory.get_class_from_dynamic_module, "_tmtguard_original")}
 import tmtguard   # activates now (enforce), after transformers bound the originals by name
 tmtguard.activate(mode="enforce")
@@ -397,6 +408,8 @@ for mod, names in {"transformers.models.auto.auto_factory": ["get_class_from_dyn
     for n in names:
         f = getattr(m, n)
         sites[f"{mod}.{n}"] = hasattr(f, "_tmtguard_original") and f is getattr(dmu, n)
+sites["AutoModel.from_pretrained"] = hasattr(AutoModel.from_pretrained, "_tmtguard_original")
+sites["AutoModel.from_config"] = hasattr(AutoModel.from_config, "_tmtguard_original")
 from transformers import AutoConfig
 try:
     AutoConfig.from_pretrained("acme/tiny-config-evil", trust_remote_code=True)
@@ -406,6 +419,7 @@ except Exception as exc:
 tmtguard.deactivate()
 restored = {n: not hasattr(getattr(dmu, n), "_tmtguard_original") for n in ("check_imports", "get_class_in_module")}
 restored["auto_factory"] = not hasattr(transformers.models.auto.auto_factory.get_class_from_dynamic_module, "_tmtguard_original")
+restored["AutoModel"] = not hasattr(AutoModel.from_pretrained, "_tmtguard_original")
 print("RESULT " + json.dumps({"before": before, "sites": sites, "refused": refused, "restored": restored}))
 """
 
@@ -426,7 +440,7 @@ SCENARIOS = {
     "test_reregistration_config_class_and_undeclared": [s_rr_config],
     "test_local_folder_blocked": [s_local_blocked, s_unguarded],
     "test_local_folder_pinned_and_changed": [s_local_pinned],
-    "test_custom_config_class": [s_configs, s_unguarded],
+    "test_custom_config_class_and_custom_generate": [s_configs, s_unguarded],
     "test_audit_mode_chains": [s_audit],
     "test_late_activation_rebinds_every_site": [s_late],
 }
@@ -616,14 +630,21 @@ def test_local_folder_pinned_and_changed(fx, jobs):
     assert "only at" in event["rule"]  # the folder's code revision changed with the file
 
 
-def test_custom_config_class(fx, jobs):
+def test_custom_config_class_and_custom_generate(fx, jobs):
     r = jobs.result("configs")
     assert r.out["ok"] == {"ok": True, "value": [fx["config_ok"]["module_names"]["configuration_tiny"], 4]}
     assert r.out["evil"]["type"] == "RemoteCodeViolation"
     assert r.marks == []
-    [event] = remote_events(r.events)
-    assert chain_of(event)[0] == ("from_pretrained", f"acme/tiny-config-evil@{fx['config_evil']['commit']}")
-    assert jobs.result("unguarded").out["config"]["ok"]
+    config_event, generate_event = remote_events(r.events)
+    assert chain_of(config_event) == [("from_pretrained", f"acme/tiny-config-evil@{fx['config_evil']['commit']}"),
+                                      ("remote_code", f"evil/config-code@{fx['config_evil']['code_commit']}/configuration_tiny.py")]
+    # custom_generate: a nested file, reached through generation.utils' by-name bindings
+    assert r.out["generate"]["type"] == "RemoteCodeViolation"
+    assert generate_event["target"] == f"acme/custom-generate@{fx['gen_commit']}/custom_generate/generate.py"
+    assert "custom_generate/helper.py: sha256:" in generate_event["allowlist"]
+    u = jobs.result("unguarded")
+    assert u.out["config"]["ok"] and "config code ran" in u.marks
+    assert u.out["generate"] == {"ok": True, "value": "generated"} and "custom generate ran" in u.marks
 
 
 def test_audit_mode_chains(fx, jobs):

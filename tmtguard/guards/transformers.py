@@ -544,10 +544,15 @@ def _declared(holder, auto_name) -> list:
     amap = getattr(holder, "auto_map", None)
     if not isinstance(amap, dict):
         amap = (getattr(holder, "init_kwargs", None) or {}).get("auto_map")
-    if not isinstance(amap, dict) or auto_name is None:
+    if not isinstance(amap, dict):
         return []
-    value = amap.get(auto_name)
-    return [r for r in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(r, str)]
+    # the auto class that asked is unknown when it was called outside the wrapped entry points: every
+    # class the repo declares is then a candidate
+    values = [amap.get(auto_name)] if auto_name is not None else list(amap.values())
+    refs = []
+    for value in values:
+        refs.extend(r for r in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(r, str))
+    return refs
 
 
 def _same_code(parsed, rec: _Record, cls) -> bool:
@@ -566,22 +571,33 @@ def _check_served(cls, holder) -> None:
         if cls in load.delivered or cls in load.checked:
             return
         load.checked.add(cls)
+    try:
+        _decide_served(cls, holder, load)
+    except decision.Violation:
+        raise
+    except Exception as exc:
+        decision.failed(ACTION, f"{cls.__module__}.{cls.__qualname__}", exc)
+
+
+def _decide_served(cls, holder, load) -> None:
     auto_name = _AUTO.get()
-    model = os.fspath(load.name) if load is not None and load.name is not None else getattr(holder, "name_or_path", "")
+    model = str(os.fspath(load.name) if load is not None and load.name is not None else getattr(holder, "name_or_path", ""))
     origin = _origin_of(cls)
-    declared = _declared(holder, auto_name)
-    parsed = [p for p in (remote_code.parse_ref(r, str(model)) for r in declared) if p is not None]
+    declared = [(ref, p) for ref in _declared(holder, auto_name) if (p := remote_code.parse_ref(ref, model)) is not None]
+    head = _head_frames(load)
     if origin is not None:
-        for p in parsed:
+        for _ref, p in declared:
             if _same_code(p, origin, cls):
-                # the code this repo declares is the code that was registered: decide it again, as is
-                _decide(origin.code, origin.digest, provenance.peek() + _head_frames(load) +
-                        (_frame(_code_spec(origin.code, origin.digest)),))
+                # the code this repo declares is the very code that was registered: decide it again, as is
+                _decide(origin.code, origin.digest, provenance.peek() + head + (_frame(_code_spec(origin.code, origin.digest)),))
                 return
     where = origin.code.target if origin is not None else cls.__module__
-    what = f"{cls.__module__}.{cls.__qualname__} (registered from {where})"
-    if parsed:
-        code = _declared_code(parsed[0], load)
+    served = f"{cls.__module__}.{cls.__qualname__}"
+    detail = {"registered_class": served, "registered_from": where}
+    asked = f"for {auto_name}" if auto_name else "in its auto_map"
+    if declared:
+        ref, p = next(((r, p) for r, p in declared if p[2] == cls.__name__), declared[0])
+        code = _declared_code(p, load)
         with provenance.internal():
             digest = provenance.file_digest(code.path) if code.path else None
         src, why = remote_code.match(_policy.remote_code, code, digest)
@@ -592,27 +608,23 @@ def _check_served(cls, holder) -> None:
             with provenance.internal():
                 hint = remote_code.suggestion(code)
         _refuse(code, digest,
-                f"{model} declares {declared[0]} for {auto_name}, but transformers would hand it {what} "
-                f"without loading that code; and the declared code is not allowed: {why}",
-                provenance.peek() + _head_frames(load) + (_frame(_code_spec(code, digest)),),
-                suggestion=hint, detail={"registered_class": f"{cls.__module__}.{cls.__qualname__}",
-                                         "registered_from": where, "declared": declared[0]})
+                f"{model} declares {ref} {asked}, but transformers would hand it {served} (registered from "
+                f"{where}) without loading that code; and the declared code is not allowed: {why}",
+                provenance.peek() + head + (_frame(_code_spec(code, digest)),), suggestion=hint,
+                detail={**detail, "declared": ref})
         return
-    head = _head_frames(load)
     local = load is not None and load.path is not None
-    repo = load.path if local else str(model)
+    repo = load.path if local else model
     revision = (remote_code.local_revision(repo) if local else load.commit) if load is not None else None
     if revision and remote_code.repo_allowed(_policy.remote_code, repo, revision, local) is not None:
         return
     target = f"{repo}@{revision or '?'}"
+    hint = "\n".join(["remote_code:", "  allow:"] + remote_code.entry_lines(repo, revision, {})) if revision else None
     decision.refuse(ACTION, target,
-                    f"{repo} declares no remote code for {auto_name}, but transformers would hand it {what}; "
-                    f"no remote_code.allow entry names {target}",
-                    chain=provenance.peek() + head, violation=RemoteCodeViolation,
-                    suggestion="\n".join(["remote_code:", "  allow:"] + remote_code.entry_lines(repo, revision, {}))
-                    if revision else None,
-                    detail={"repo": repo, "revision": revision, "registered_class": f"{cls.__module__}.{cls.__qualname__}",
-                            "registered_from": where})
+                    f"{repo} declares no remote code {asked}, but transformers would hand it {served} (registered "
+                    f"from {where}); no remote_code.allow entry names {target}",
+                    chain=provenance.peek() + head, violation=RemoteCodeViolation, suggestion=hint,
+                    detail={"repo": repo, "revision": revision, **detail})
 
 
 def _head_frames(load) -> tuple:
@@ -730,16 +742,29 @@ def _rebind() -> None:
 def _patch_entry_points(module) -> None:
     for cls_name, method in ENTRY_POINTS.get(module.__name__, ()):
         owner = getattr(module, cls_name, None)
-        raw = owner.__dict__.get(method) if isinstance(owner, type) else None
-        if not isinstance(raw, classmethod) or getattr(raw.__func__, "_tmtguard_original", None) is not None:
-            continue
-        _set(owner, method, raw, classmethod(_entry(method, raw.__func__)))
+        if isinstance(owner, type):
+            _wrap_entry(owner, method)
     if module.__name__ == "transformers.models.auto.auto_factory":
+        # auto_class_update() gives AutoModel, AutoModelForCausalLM... COPIES of these methods (copy_func):
+        # the ones made before this patch (transformers imported before tmtguard) are wrapped here; later
+        # copies are copies of the wrapper already.
+        todo = list(module._BaseAutoModelClass.__subclasses__()) if hasattr(module, "_BaseAutoModelClass") else []
+        while todo:
+            sub = todo.pop()
+            todo.extend(sub.__subclasses__())
+            for method in ("from_pretrained", "from_config"):
+                _wrap_entry(sub, method)
         current = getattr(module, "_get_model_class", None)
         if isinstance(current, types.FunctionType) and getattr(current, "_tmtguard_original", None) is None:
             replacement = _get_model_class(current)
             replacement._tmtguard_original = current
             _set(module, "_get_model_class", current, replacement)
+
+
+def _wrap_entry(owner: type, method: str) -> None:
+    raw = owner.__dict__.get(method)
+    if isinstance(raw, classmethod) and getattr(raw.__func__, "_tmtguard_original", None) is None:
+        _set(owner, method, raw, classmethod(_entry(method, raw.__func__)))
 
 
 def _on_import(module) -> None:
