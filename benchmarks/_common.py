@@ -158,6 +158,15 @@ def _mem_total() -> str:
     return "unknown"
 
 
+def loadavg() -> str:
+    """1/5/15-minute load averages: how busy the machine was (other work skews every number)."""
+    try:
+        with open("/proc/loadavg", encoding="utf-8") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def _git_commit() -> str:
     """HEAD commit read from .git directly (the harness never runs git)."""
     git = REPO_ROOT / ".git"
@@ -201,3 +210,9 @@ def machine_info() -> dict[str, str]:
         "repo commit": _git_commit(),
     }
     return info
+
+
+def atomic_target(path: Path) -> Path:
+    """A temp sibling of ``path`` to write into, then ``os.replace(tmp, path)``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")

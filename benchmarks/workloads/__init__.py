@@ -6,6 +6,7 @@ NAME        str    id used by ``--only`` and in the JSON
 TITLE       str    what the table shows
 BUDGET      float  max allowed guarded/unguarded ratio
 PEERS       tuple  peer config keys that apply (see benchmarks._common.PEERS)
+EXTRA_PEERS tuple  optional: peers that apply but are too slow for the default run (--all-peers)
 REPS        int    timed repetitions per process (after one untimed warm-up) in a full run
 QUICK_REPS  int    the same for ``--quick``
 KIND        str    "inprocess" (default): the worker calls ``setup`` then times the callable it
