@@ -80,7 +80,7 @@ def config_json(model_type: str, auto_map: dict | None) -> str:
     return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
 
 
-def tamper_copy(modules: Path, info: dict, module: str = "modeling_tiny") -> Path:
+def tamper_copy(modules: Path, info: dict, module: str = "configuration_tiny") -> Path:
     """Plant a modified copy where get_cached_module_file will find it (and never refresh it)."""
     copy = modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], module)
     copy.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,8 @@ def fx(tmp_path_factory):
                             {"configuration_tiny.py": digest(d["importer"]["code_files"]["configuration_tiny.py"])})]
     # allowed through `tmtguard pin`; its forward() connects out when asked to
     d["allowed"] = hf.tiny_custom_model(cache, "acme/tiny-allowed", code_repo="other/code-ok", with_helper=True,
-                                        extra_modeling_tail=TAIL_CONNECT, model_type="tmt-allowed", seed=3)
+                                        extra_modeling_tail=TAIL_CONNECT, model_type="tmt-allowed", seed=3,
+                                        symlinks=True)  # blobs + symlinks, as huggingface_hub stores them
     # pinned, then the code repo's main moved to a new commit
     d["moved"] = hf.tiny_custom_model(cache, "acme/moved", code_repo="other/moved-code", model_type="tmt-moved")
     d["moved_allow"] = pinning.pin("acme/moved", cache_dir=str(cache))
@@ -274,6 +275,19 @@ def s_digest(j):
 def s_tampered(j):
     j.start("tampered", LOAD % "acme/tampered", allow=[j.fx["tamper_allow"]],
             prepare=lambda modules: tamper_copy(modules, j.fx["tamper"]))
+
+
+def plant(modules: Path, info: dict) -> Path:
+    """A module that is no copy of any snapshot file, next to where the copies will go."""
+    folder = (modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "x")).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "planted.py").write_text(mark("planted module ran"))
+    return folder / "planted.py"
+
+
+def s_planted(j):
+    j.start("planted", LOAD % "acme/tampered", allow=[j.fx["tamper_allow"]],
+            prepare=lambda modules: plant(modules, j.fx["tamper"]))
 
 
 def s_import_payload(j):
@@ -433,6 +447,7 @@ SCENARIOS = {
     "test_relative_import_not_listed": [s_relative_import],
     "test_digest_mismatch_after_pin": [s_digest],
     "test_tampered_modules_cache_copy": [s_tampered, s_unguarded],
+    "test_planted_module_next_to_the_copies": [s_planted],
     "test_import_payload_never_imported": [s_import_payload, s_unguarded],
     "test_allowed_transitive_model_runs_and_is_model_code": [s_allowed],
     "test_pin_output_refuses_moved_code_repo": [s_allowed],
@@ -518,13 +533,23 @@ def test_tampered_modules_cache_copy(fx, jobs):
     assert r.out["load"]["type"] == "RemoteCodeViolation"
     assert r.marks == []
     [event] = remote_events(r.events)
-    copy = r.modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "modeling_tiny")
-    assert event["target"] == f"other/tamper-code@{info['code_commit']}/modeling_tiny.py"
+    copy = r.modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "configuration_tiny")
+    assert event["target"] == f"other/tamper-code@{info['code_commit']}/configuration_tiny.py"
     assert "was modified" in event["rule"] and event["detail"]["copy"] == str(copy)
     assert event["detail"]["copy_sha256"] == digest(copy) != event["detail"]["sha256"]
     # the same planted copy runs when nothing checks it: transformers never compares it with the snapshot
     u = jobs.result("unguarded")
     assert u.out["tampered"]["ok"] and "tampered copy ran" in u.marks
+
+
+def test_planted_module_next_to_the_copies(fx, jobs):
+    info = fx["tamper"]
+    r = jobs.result("planted")
+    assert r.out["load"]["type"] == "RemoteCodeViolation"
+    [event] = remote_events(r.events)
+    planted = r.modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "planted")
+    assert event["target"] == f"other/tamper-code@{info['code_commit']}/configuration_tiny.py"
+    assert f"{planted} is not a copy of" in event["rule"]
 
 
 def test_import_payload_never_imported(fx, jobs):

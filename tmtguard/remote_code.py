@@ -70,7 +70,7 @@ def local_file(folder: str, path: str) -> CodeFile:
     rel = os.path.relpath(real, folder).replace(os.sep, "/")
     if rel.startswith("../"):  # a symlink out of the folder: name it by the link, not the target
         rel = os.path.relpath(os.path.abspath(path), os.path.abspath(folder)).replace(os.sep, "/")
-    return CodeFile(folder, local_revision(folder), rel, path, local=True)
+    return CodeFile(folder, local_revision(folder), rel, os.path.abspath(path), local=True)
 
 
 def _python_files(folder: str) -> list[str]:

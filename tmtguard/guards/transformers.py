@@ -405,11 +405,31 @@ def _plan(copy: str, main: _Record | None, outer: tuple) -> list:
         _decided[real] = rec
         files.append(((rel_copy, os.path.abspath(rel_copy)), rec))
     for names, rec in files:
-        problem = _shadowed(names[-1], base)
+        problem = _shadowed(names[-1], base) or _foreign(os.path.dirname(names[-1]), rec, files)
         if problem:
             _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}",
                     outer + (_frame(_code_spec(rec.code, rec.digest)),), detail={"copy": names[-1]})
     return files
+
+
+def _foreign(folder: str, rec: _Record, files: list) -> str | None:
+    """A module next to the copies that is not a copy of the snapshot's file of the same name: the
+    code could import it (``from . import x``, which transformers does not fetch) without any decision."""
+    decided = {os.path.realpath(names[-1]) for names, _ in files}
+    inside = posixpath.dirname(rec.code.file)
+    with provenance.internal():
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".py") and n != "__init__.py")
+        except OSError:
+            return None
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.realpath(path) in decided:
+                continue
+            snapshot = os.path.join(rec.code.root, *(inside.split("/") if inside else []), name)
+            if not os.path.isfile(snapshot) or provenance.file_digest(path) != provenance.file_digest(snapshot):
+                return f"{path} is not a copy of {snapshot}"
+    return None
 
 
 def _as_path(copy: str):
