@@ -46,6 +46,7 @@ import sys
 import types
 from contextvars import ContextVar
 from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 
 import wrapt
 
@@ -351,7 +352,7 @@ def _get_class_in_module(original):
                 files = []
             for name, rec in files:
                 chain = outer + (_frame(_code_spec(rec.code, rec.digest)),)
-                for alias in name:
+                for alias in dict.fromkeys(name):  # the names it runs under, once each
                     provenance.register_model_code(alias, chain)
             spec = _code_spec(main.code, main.digest) if main else ("remote_code", copy, copy, None, None, None)
             with _Pushed(spec):
@@ -369,7 +370,7 @@ def _plan(copy: str, main: _Record | None, outer: tuple) -> list:
     """Right before exec: decide the copy and every file it imports relatively; returns
     [((names the file runs under...), _Record)] to register as model code."""
     base = _modules_cache()
-    modpath = (str(_as_path(copy)), os.path.abspath(copy))
+    modpath = (str(Path(copy)), os.path.abspath(copy))  # as get_class_in_module names it, and absolute
     if main is None:
         code = remote_code.CodeFile("?", "", os.path.relpath(copy, base), copy, local=True)
         decision.refuse(ACTION, copy,
@@ -404,69 +405,65 @@ def _plan(copy: str, main: _Record | None, outer: tuple) -> list:
             _tampered(rec.code, rec.digest, rel_copy, rel_digest, outer + (_frame(_code_spec(rec.code, rec.digest)),))
         _decided[real] = rec
         files.append(((rel_copy, os.path.abspath(rel_copy)), rec))
+    by_folder: dict = {}
     for names, rec in files:
-        problem = _shadowed(names[-1], base) or _foreign(os.path.dirname(names[-1]), rec, files)
+        by_folder.setdefault(os.path.dirname(names[-1]), []).append((os.path.basename(names[-1]), rec))
+    for where, group in by_folder.items():
+        problem = _modified(where, group, base)
         if problem:
+            name, rec = group[0]
             _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}",
-                    outer + (_frame(_code_spec(rec.code, rec.digest)),), detail={"copy": names[-1]})
+                    outer + (_frame(_code_spec(rec.code, rec.digest)),), detail={"copy": os.path.join(where, name)})
     return files
 
 
-def _foreign(folder: str, rec: _Record, files: list) -> str | None:
-    """A module next to the copies that is not a copy of the snapshot's file of the same name: the
-    code could import it (``from . import x``, which transformers does not fetch) without any decision."""
-    decided = {os.path.realpath(names[-1]) for names, _ in files}
-    inside = posixpath.dirname(rec.code.file)
+def _modified(folder: str, group: list, base: str) -> str | None:
+    """What in the modules cache would run instead of, before or beside the verified copies in
+    ``folder`` (``group``: [(file name, _Record)]): a package folder or extension module of the same
+    name, a package ``__init__`` that is not the empty file transformers creates, or a module next to
+    them that is no copy of the snapshot's file of that name (code could import it with
+    ``from . import x``, which transformers does not fetch). Cached bytecode of the copies is removed
+    so that Python compiles the verified source."""
     with provenance.internal():
         try:
-            names = sorted(n for n in os.listdir(folder) if n.endswith(".py") and n != "__init__.py")
-        except OSError:
-            return None
-        for name in names:
-            path = os.path.join(folder, name)
-            if os.path.realpath(path) in decided:
+            entries = set(os.listdir(folder))
+        except OSError as exc:
+            return f"cannot list {folder}: {exc.strerror}"
+        names = {name for name, _ in group}
+        stems = {name[:-3] for name in names if name.endswith(".py")}
+        for stem in sorted(stems):
+            if stem in entries and os.path.isdir(os.path.join(folder, stem)):
+                return f"a package folder {os.path.join(folder, stem)} shadows {stem}.py"
+            for suffix in EXTENSION_SUFFIXES:
+                if stem + suffix in entries:
+                    return f"an extension module {os.path.join(folder, stem + suffix)} shadows {stem}.py"
+        if "__pycache__" in entries:
+            cache = os.path.join(folder, "__pycache__")
+            try:
+                stale = [n for n in os.listdir(cache) if n.endswith(".pyc") and n.split(".", 1)[0] in stems]
+            except OSError:
+                stale = []
+            for n in stale:
+                try:
+                    os.unlink(os.path.join(cache, n))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    return f"cannot remove the cached bytecode {os.path.join(cache, n)}: {exc.strerror}"
+        code = group[0][1].code
+        inside = posixpath.dirname(code.file)
+        for name in sorted(entries - names):
+            if not name.endswith(".py") or name == "__init__.py":
                 continue
-            snapshot = os.path.join(rec.code.root, *(inside.split("/") if inside else []), name)
+            path = os.path.join(folder, name)
+            snapshot = os.path.join(code.root, *(inside.split("/") if inside else []), name)
             if not os.path.isfile(snapshot) or provenance.file_digest(path) != provenance.file_digest(snapshot):
                 return f"{path} is not a copy of {snapshot}"
-    return None
-
-
-def _as_path(copy: str):
-    from pathlib import Path
-
-    return Path(copy)
-
-
-def _shadowed(copy: str, base: str) -> str | None:
-    """What would run instead of (or before) the verified copy: a non-empty package ``__init__`` or
-    another ``__init__`` file, an extension module or a package folder of the same name; stale
-    ``__pycache__`` entries are removed so that Python compiles the verified source."""
-    with provenance.internal():
-        folder, name = os.path.split(copy)
-        stem = name[:-3] if name.endswith(".py") else name
-        if os.path.isdir(os.path.join(folder, stem)):
-            return f"a package folder {os.path.join(folder, stem)} shadows {copy}"
-        for suffix in EXTENSION_SUFFIXES:
-            if os.path.exists(os.path.join(folder, stem + suffix)):
-                return f"an extension module {os.path.join(folder, stem + suffix)} shadows {copy}"
-        cache = os.path.join(folder, "__pycache__")
-        try:
-            stale = [n for n in os.listdir(cache) if n.startswith(stem + ".") and n.endswith(".pyc")]
-        except OSError:
-            stale = []
-        for n in stale:
-            try:
-                os.unlink(os.path.join(cache, n))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                return f"cannot remove the cached bytecode {os.path.join(cache, n)} of {copy}: {exc.strerror}"
         root = os.path.realpath(base)
-        d = os.path.realpath(folder)
+        d = real = os.path.realpath(folder)
         while d.startswith(root + os.sep):
             try:
-                inits = [n for n in os.listdir(d) if n.startswith("__init__.")]
+                inits = [n for n in (entries if d == real else os.listdir(d)) if n.startswith("__init__.")]
             except OSError:
                 inits = []
             for n in inits:
@@ -805,15 +802,17 @@ def install(policy) -> None:
     global _on, _policy, _hooked
     _policy = policy
     _on = True
+    names = (DMU,) + BINDING_SITES
     if not _hooked:
         _hooked = True
-        for name in (DMU,) + BINDING_SITES:
-            wrapt.register_post_import_hook(_on_import, name)  # fires now if already imported
-    else:
-        for name in (DMU,) + BINDING_SITES:
-            module = sys.modules.get(name)
-            if module is not None:
-                _on_import(module)
+        # every hook first, so that a failure below (changed internals) leaves none of them missing
+        for name in names:
+            if name not in sys.modules:
+                wrapt.register_post_import_hook(_on_import, name)
+    for name in names:
+        module = sys.modules.get(name)
+        if module is not None:
+            _on_import(module)
 
 
 def uninstall() -> None:
