@@ -729,7 +729,7 @@ def get_class_from_dynamic_module(class_reference, pretrained_model_name_or_path
 
 
 def test_internals_check_accepts_the_shape_it_guards():
-    hfguard.verify(_fake_dmu())
+    hfguard._verify(_fake_dmu())
 
 
 def test_changed_internals_fail_loudly(guard):

@@ -148,7 +148,7 @@ def _hub_cache() -> str:
     return os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")
 
 
-def hub_commit(repo: str, revision=None, cache_dir=None) -> str | None:
+def _hub_commit(repo: str, revision=None, cache_dir=None) -> str | None:
     """The commit ``revision`` (default ``main``) of ``repo`` names in the local hub cache, or None."""
     resolved = getattr(revision, "resolved", None)
     if isinstance(resolved, str) and remote_code.COMMIT.match(resolved):
@@ -176,7 +176,7 @@ def _resolve(load: _Load, code=None) -> None:
             load.path = load.label = os.path.realpath(name)
         else:
             load.repo = name
-            load.commit = hub_commit(name, load.revision, load.cache_dir)
+            load.commit = _hub_commit(name, load.revision, load.cache_dir)
             load.label = f"{name}@{load.commit}" if load.commit else name
     if code is not None and load.commit is None and load.repo is not None and code.repo == load.repo and not code.local:
         load.commit = code.revision  # the model's own code told us its commit
@@ -657,7 +657,7 @@ def _declared_code(parsed, load):
     if load is not None and load.repo == repo and load.commit:
         commit = load.commit
     else:
-        commit = hub_commit(repo, None, load.cache_dir if load is not None else None)
+        commit = _hub_commit(repo, None, load.cache_dir if load is not None else None)
     cache = os.fspath(load.cache_dir) if load is not None and load.cache_dir else _hub_cache()
     path = os.path.join(cache, "models--" + repo.replace("/", "--"), "snapshots", commit or "?", *module_file.split("/"))
     return remote_code.CodeFile(repo, commit or "", module_file, path if commit else "")
@@ -666,12 +666,12 @@ def _declared_code(parsed, load):
 # --- patching --------------------------------------------------------------------------------------------
 
 
-class InternalsChanged(RuntimeError):
+class _InternalsChanged(RuntimeError):
     """transformers' remote-code internals do not look like what this guard patches."""
 
 
-def verify(dmu) -> None:
-    """Raise InternalsChanged naming what differs from the transformers 5.x internals guarded here."""
+def _verify(dmu) -> None:
+    """Raise _InternalsChanged naming what differs from the transformers 5.x internals guarded here."""
     problems = []
     for name, (params, calls) in EXPECTED.items():
         fn = getattr(dmu, name, None)
@@ -701,7 +701,7 @@ def verify(dmu) -> None:
         problems.append("get_relative_import_files is missing")
     if problems:
         version = getattr(sys.modules.get("transformers"), "__version__", "?")
-        raise InternalsChanged(f"transformers {version}: its remote-code internals no longer match what tmtguard "
+        raise _InternalsChanged(f"transformers {version}: its remote-code internals no longer match what tmtguard "
                                f"guards ({'; '.join(problems)}); remote code cannot be guarded")
 
 
@@ -722,8 +722,8 @@ def _set(owner, attr: str, original, replacement) -> None:
 
 def _patch_dmu(dmu) -> None:
     try:
-        verify(dmu)
-    except InternalsChanged as exc:
+        _verify(dmu)
+    except _InternalsChanged as exc:
         # enforce: GuardError (importing transformers' auto classes fails, loudly); audit: an event
         decision.failed(ACTION, DMU, exc)
         return
