@@ -98,7 +98,10 @@ def _tmtguard_object(value) -> bool:
 
 def _protected(owner, name: str) -> bool:
     if name == "__class__":
-        return True
+        # Only the modules tmtguard guards (and its state). importlib builds every new module as
+        # type(sys)(name), so all of them share sys's guarded class: a library swapping the class of
+        # its own module (torch's config modules do) is not tampering.
+        return owner is decision.state or any(owner is m for m in _guarded_modules)
     modname = getattr(owner, "__name__", "") if isinstance(owner, types.ModuleType) else ""
     if modname == "tmtguard" or modname.startswith("tmtguard."):
         return True
@@ -188,7 +191,9 @@ def _on_object_setattr(args):
     owner, name = args[0], args[1]
     if not _on or _lazy.internal or not isinstance(name, str):
         return
-    if (owner in _guarded_modules or owner is decision.state) and _protected(owner, name) and acting() is not None:
+    # identity, not ==: a module class of someone else's (torch's ConfigModule) may define __eq__
+    guarded = owner is decision.state or any(owner is m for m in _guarded_modules)
+    if guarded and _protected(owner, name) and acting() is not None:
         refuse(f"{getattr(owner, '__name__', type(owner).__name__)}.{name}",
                f"tried object.__setattr__ on {name!r} of a module tmtguard guards")
 
@@ -384,7 +389,7 @@ def _seal() -> None:
     names = list(WATCHED) + [n for n in list(sys.modules) if n == "tmtguard" or n.startswith("tmtguard.")]
     for name in names:
         module = sys.modules.get(name)
-        if module is None or module in _guarded_modules:
+        if module is None or any(module is m for m in _guarded_modules):
             continue
         if type(module) is types.ModuleType:
             _guarded_modules.append(module)
