@@ -131,9 +131,17 @@ def _check(via: str, filename, source, name=None) -> None:
 
 def _executing_module(f) -> bool:
     """The import machinery compiling or unmarshalling the body of a module it is executing (the
-    import guard decided that module). Model code calling importlib's helpers itself is not this."""
+    import guard decided that module), or code generated while an installed library's module body
+    runs under that machinery, below any model code (mpmath, which transformers' import pulls in,
+    generates code at import): the import was the decision, the library's start-up is its own.
+    Model code calling importlib's helpers itself is not this."""
     while f is not None and _scope.in_import_machinery(f):
         if f.f_code.co_name == "exec_module":
+            return True
+        f = f.f_back
+    # stop at model code, and at tmtguard's own load wrappers (an import above the load is not this)
+    while f is not None and not _scope.is_model_code(f) and not f.f_code.co_filename.startswith(_scope._OWN_DIR):
+        if f.f_code.co_name == "exec_module" and _scope.in_import_machinery(f):
             return True
         f = f.f_back
     return False
