@@ -35,14 +35,19 @@ TAMPERS = {
     "reload socket": "importlib.reload(socket)",
     "remove import guard": "sys.meta_path.remove(sys.meta_path[0])",
     "clear meta_path": "sys.meta_path.clear()",
-    "replace meta_path": "sys.meta_path = [f for f in sys.meta_path if 'tmtguard' not in repr(f)]",
-    "restore pickle.loads": "pickle.loads = sys.modules['tmtguard._unpatched'].pickle_loads",
     "restore fork_exec": "_posixsubprocess.fork_exec = _posixsubprocess.fork_exec._tmtguard_original",
     "restore os._spawnvef": "os._spawnvef = os._spawnvef._tmtguard_original",
     "flip the mode": 'sys.modules["tmtguard.decision"].state.mode = "off"',
     "switch a guard off": 'sys.modules["tmtguard.guards.process"]._on = False',
-    "module class": "import types; pickle.__class__ = types.ModuleType",
-    "object.__setattr__ class": "import types; object.__setattr__(pickle, '__class__', types.ModuleType)",
+    "module class": "import types; subprocess.__class__ = types.ModuleType",
+    "object.__setattr__ class": "import types; object.__setattr__(subprocess, '__class__', types.ModuleType)",
+}
+# Not refused on the spot (sys and pickle keep their plain module class, see tamper.py), but undone and
+# reported before the next decision.
+REPAIRED = {
+    "replace meta_path": "sys.meta_path = [f for f in sys.meta_path if 'tmtguard' not in repr(f)]",
+    "restore pickle.loads": "pickle.loads = sys.modules['tmtguard._unpatched'].pickle_loads",
+    "restore pickle.Unpickler": "pickle.Unpickler = _pickle.Unpickler.__mro__[1]",
 }
 IMPORTS = "import subprocess\nimport pickle\nimport _pickle\nimport socket\nimport _posixsubprocess\n"
 
@@ -75,6 +80,22 @@ def test_tamper_attempt_fails_and_the_spawn_that_follows_is_still_blocked(guard,
     assert os.environ.get("TMTGUARD_MODE") is None
     assert sys.meta_path[0] is import_guard.finder
     assert P.of(events, "guard.tamper")[0]["origin"]["file"].endswith(".py")
+
+
+@pytest.mark.parametrize("how", sorted(REPAIRED))
+def test_tamper_undone_and_reported_before_the_next_decision(guard, tmp_path, marker, how):
+    import pickle
+
+    before = (pickle.loads, pickle.Unpickler)
+    folder = tamper_then_spawn(tmp_path, marker, REPAIRED[how], IMPORTS)
+    events = guard()
+    model = P.load_hub(folder)
+    with pytest.raises(tmtguard.ProcessViolation):
+        P.infer(model)
+    assert not marker.exists()
+    assert [e["action"] for e in events] == ["guard.tamper", "process.spawn"]
+    assert events[0]["chain"][0]["loader"] == "torch.hub.load" and "put them back" in events[0]["rule"]
+    assert (pickle.loads, pickle.Unpickler) == before and sys.meta_path[0] is import_guard.finder
 
 
 def test_tamper_payload_runs_when_unguarded(unguarded, tmp_path, marker):
@@ -161,7 +182,7 @@ def test_application_may_reconfigure(guard, tmp_path):
 def test_threads_tampering_at_once(guard, tmp_path):
     markers = [tmp_path / f"m{i}" for i in range(6)]
     folders = [tamper_then_spawn(tmp_path, markers[i], TAMPERS[k], IMPORTS)
-               for i, k in enumerate(["environment", "deactivate", "restore pickle.loads",
+               for i, k in enumerate(["environment", "deactivate", "restore fork_exec",
                                       "remove import guard", "flip the mode", "reload subprocess"])]
     guard()
     models = [P.load_hub(f) for f in folders]

@@ -41,9 +41,13 @@ _lazy = _scope._lazy
 _model_code = _scope._model_code
 
 # Modules whose attributes hold tmtguard's patches (or its switches): they get GuardedModule.
-WATCHED = ("pickle", "_pickle", "os", "posix", "socket", "_socket", "ssl", "subprocess", "_posixsubprocess",
-           "pty", "threading", "ctypes", "_ctypes", "marshal", "importlib", "sys")
-RELOAD_PROTECTED = frozenset(WATCHED) | {"copyreg", "builtins", "io", "_io", "shutil", "multiprocessing", "cffi"}
+# Not sys (importlib makes every new module with type(sys)(name) and checks isinstance(m, type(sys)))
+# nor pickle (joblib.hash tells modules apart with type(x) is type(pickle)): their patches are put back
+# by verify() instead, and the pickle.find_class audit event decides every global meanwhile.
+WATCHED = ("_pickle", "os", "posix", "socket", "_socket", "ssl", "subprocess", "_posixsubprocess",
+           "pty", "threading", "ctypes", "_ctypes", "marshal", "importlib")
+RELOAD_PROTECTED = frozenset(WATCHED) | {"sys", "pickle", "copyreg", "builtins", "io", "_io", "shutil",
+                                         "multiprocessing", "cffi"}
 
 _snapshot: list = []  # (owner, attribute, value) as sealed
 _guards: list = []  # the guard modules, as sealed
@@ -116,6 +120,10 @@ def _protected(owner, name: str) -> bool:
 
 class GuardedModule(types.ModuleType):
     """A module tmtguard patched (or tmtguard's own): code acting for a load cannot rebind its guards."""
+
+    def __new__(cls, *args, **kwargs):
+        # type(os)(name) makes a plain module, as it did before tmtguard
+        return types.ModuleType(*args, **kwargs)
 
     def __setattr__(self, name, value):
         if (_chain() or _lazy.pending is not None or _model_code or _threads_started) and _on \
