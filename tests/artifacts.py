@@ -148,3 +148,86 @@ def torch_save(obj, path) -> None:
 
 def nested_pickle_loads(inner: bytes) -> Reduce:
     return Reduce(pickle.loads, inner)
+
+
+# --- every other way a pickle reaches a callable (the red-team suite, tests/redteam/) ----------------
+
+
+def raw(code: bytes) -> Op:
+    """Opcodes written by hand."""
+    return Op(code)
+
+
+def lst(*items) -> Op:
+    """A real list (EMPTY_LIST + APPENDS): for callees that concatenate or mutate their argument."""
+    body = b"".join(val(i).code for i in items)
+    return Op(b"]" + (b"(" + body + b"e" if items else b""))
+
+
+def memoize(op: Op, index: int) -> Op:
+    """LONG_BINPUT: the value stays on the stack and is stored in memo[index]."""
+    return Op(op.code + b"r" + struct.pack("<I", index))
+
+
+def memo_get(index: int) -> Op:
+    """LONG_BINGET: push memo[index] again (a callable named once, used many times)."""
+    return Op(b"j" + struct.pack("<I", index))
+
+
+def build(obj: Op, state) -> Op:
+    """BUILD: obj.__setstate__(state), or obj.__dict__.update(state) / setattr for (dict, slotstate)."""
+    return Op(obj.code + val(state).code + b"b")
+
+
+def newobj(cls: Op, *args) -> Op:
+    """NEWOBJ: cls.__new__(cls, *args)."""
+    return Op(cls.code + val(tuple(args)).code + b"\x81")
+
+
+def newobj_ex(cls: Op, args: tuple, kwargs: dict) -> Op:
+    """NEWOBJ_EX: cls.__new__(cls, *args, **kwargs)."""
+    return Op(cls.code + val(tuple(args)).code + val_dict(kwargs).code + b"\x92")
+
+
+def global_op(module: str, name: str) -> Op:
+    """GLOBAL (the text opcode of protocols 0-3): ``c<module>\\n<name>\\n``."""
+    return Op(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
+
+
+def inst(module: str, name: str, *args) -> Op:
+    """INST (protocol 0): MARK args... ``i<module>\\n<name>\\n`` calls module.name(*args)."""
+    return Op(b"(" + b"".join(val(a).code for a in args) + b"i" + module.encode() + b"\n" + name.encode() + b"\n")
+
+
+def obj(cls: Op, *args) -> Op:
+    """OBJ (protocol 1): MARK cls args... ``o`` calls cls(*args) (any callable, not only a class)."""
+    return Op(b"(" + cls.code + b"".join(val(a).code for a in args) + b"o")
+
+
+def ext(code: int) -> Op:
+    """EXT1 / EXT2 / EXT4: the global registered as ``code`` in copyreg's extension registry."""
+    if code < 0x100:
+        return Op(b"\x82" + bytes([code]))
+    if code < 0x10000:
+        return Op(b"\x83" + struct.pack("<H", code))
+    return Op(b"\x84" + struct.pack("<i", code))
+
+
+def persid(pid) -> Op:
+    """BINPERSID: the unpickler's persistent_load(pid)."""
+    return Op(val(pid).code + b"Q")
+
+
+def dumps_protocol(op: Op, protocol: int) -> bytes:
+    """Like :func:`dumps`, with another PROTO header (protocol 2 turns on the Python 2 name mapping)."""
+    return b"\x80" + bytes([protocol]) + op.code + b"."
+
+
+def py_marker(marker: str) -> str:
+    """Python source that writes the marker (for payloads that exec, eval or compile)."""
+    return f"open({str(marker)!r}, 'w').write('pwned')"
+
+
+def sh_marker(marker: str) -> str:
+    """A shell command that writes the marker."""
+    return f"echo pwned > {marker}"

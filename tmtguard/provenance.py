@@ -31,7 +31,7 @@ class LoadFrame:
     """One guarded load: which loader, which artifact, and (lazily) its sha256."""
 
     __slots__ = ("loader", "artifact", "path", "size", "repo", "revision", "container", "unpickling",
-                 "span", "reported", "_data", "_sha256", "_parent_ctx")
+                 "span", "reported", "_data", "_sha256", "_parent_ctx", "entry")
 
     def __init__(self, loader: str, artifact: str, *, path=None, size=None, data=None, repo=None,
                  revision=None, container=False, sha256=None):
@@ -47,6 +47,7 @@ class LoadFrame:
         self.reported = None
         self._data = data
         self._sha256 = sha256
+        self.entry = None  # the Python frame the load was entered from (see acting_chain)
 
     def digest(self) -> str | None:
         """sha256 of the artifact, computed once: of the bytes for an in-memory load, of the file
@@ -155,7 +156,9 @@ def describe_artifact(obj) -> tuple[str, str | None, bytes | None, int | None]:
 
 class _Local(threading.local):
     internal = 0  # >0 while tmtguard does its own work (sinks, hashing): guards stand aside
-    pending = None  # always None: top-level loads are lazy without per-thread state (see below)
+    pending = None  # the loader name while a lazy top-level pickle load runs on this thread (set by
+    # the pickle guard's wrappers): the other guards' fast paths then ask acting_chain(), which
+    # materializes the load's frame, so a spawn or connect during it is attributed and checked
 
 
 _local = _Local()
@@ -203,7 +206,9 @@ def _materialize() -> tuple:
     for f, (loader, argname) in reversed(found):  # outermost first
         label, path, data, size = describe_artifact(f.f_locals.get(argname))
         frame = LoadFrame(loader, label, path=path, data=data, size=size)
-        telemetry.start_load(frame, c)
+        frame.entry = f
+        with _internal_work():  # the span's own imports and export are tmtguard's work, never checked
+            telemetry.start_load(frame, c)
         c = c + (frame,)
         _materialized[id(f)] = (frame, _CHAIN.set(c))
     return c
@@ -218,12 +223,14 @@ def close_lazy(pyframe, error: BaseException | None) -> None:
         telemetry.end_load(frame, error)
 
 
-def push(loader: str, obj, *, container: bool = False, repo=None, revision=None, sha256=None):
-    """Push a frame for a load; returns (frame, token) for pop()."""
+def push(loader: str, obj, *, container: bool = False, repo=None, revision=None, sha256=None, entry=None):
+    """Push a frame for a load; returns (frame, token) for pop(). ``entry`` is the Python frame that
+    stays on the stack for the whole load (default: the caller's)."""
     parent = chain()
     label, path, data, size = describe_artifact(obj) if not isinstance(obj, tuple) else obj
     frame = LoadFrame(loader, label, path=path, data=data, size=size, repo=repo, revision=revision,
                       container=container, sha256=sha256)
+    frame.entry = entry if entry is not None else sys._getframe(1)
     telemetry.start_load(frame, parent)
     return frame, _CHAIN.set(parent + (frame,))
 
@@ -425,17 +432,26 @@ def model_folder_chain(path: str):
 
 
 def model_code_frame(skip: int = 1):
-    """(chain, python frame) of the innermost model code on the stack, or None."""
+    """(chain, python frame) of the innermost model code on the stack, or None.
+
+    Frames are matched on their module's ``__file__`` (``f_globals``), not on ``f_code``: on 3.11
+    reading ``frame.f_code`` raises an audit event, which would cost every frame of every walk a call
+    into each audit hook. Only once code objects rebuilt from a pickle are registered (they carry
+    no module of their own) does the walk also look at ``id(f_code)``."""
     if not _model_code:
         return None
     f = sys._getframe(skip)
     get = _model_code.get
-    by_id = _registered.code_objects
+    if not _registered.code_objects:
+        while f is not None:
+            c = get(f.f_globals.get("__file__"))
+            if c is not None:
+                return c, f
+            f = f.f_back
+        return None
     while f is not None:
         code = f.f_code
-        c = get(code.co_filename)
-        if c is None and by_id:
-            c = get(id(code))
+        c = get(f.f_globals.get("__file__")) or get(code.co_filename) or get(id(code))
         if c is not None:
             return c, f
         f = f.f_back
@@ -444,14 +460,60 @@ def model_code_frame(skip: int = 1):
 
 def acting_chain():
     """The chain an action is attributed to: the current load's, else that of model code on the
-    stack, else None (application code, not policed by default)."""
+    stack, else None (application code, not policed by default; nor an installed library's start-up,
+    see _library_start_up)."""
     c = _CHAIN.get()
     if c:
-        return c
+        return None if _library_start_up(sys._getframe(1), c[-1].entry) else c
+    if _local.pending is not None and not _local.internal:
+        # a lazy top-level pickle load is running on this thread: what it does is its doing
+        c = chain()
+        if c:
+            return None if _library_start_up(sys._getframe(1), c[-1].entry) else c
     if not _model_code:
         return None
     found = model_code_frame(2)
-    return found[0] if found is not None else None
+    if found is None:
+        return None
+    return None if _library_start_up(sys._getframe(1), found[1]) else found[0]
+
+
+# Set by the imports guard: module name -> True when it belongs to a trusted framework (the built-in
+# import list: the standard library, torch, numpy, transformers..., and what they depend on).
+trusted_start_up = None
+
+
+def _library_start_up(f, stop) -> bool:
+    """True when the action is taken while a trusted framework's module body runs under the import
+    machinery, between the load (or model code) and the action: model code importing transformers
+    pulls in torch.distributed, which dlopens libc at import, and mpmath, which generates code at
+    import. What a framework does to start up is its own. Any other package's import-time actions
+    (a dependency phoning home when remote code imports it) stay attributed to the load. Only when
+    the walk reaches the load's entry frame or the model code; otherwise it is checked (fail closed)."""
+    trusted = trusted_start_up
+    if trusted is None:
+        return False
+    seen = False
+    body = None  # the innermost module body seen so far
+    while f is not None:
+        if f is stop:
+            return seen
+        code = f.f_code
+        if code.co_filename in _model_code or (_registered.code_objects and id(code) in _model_code):
+            return seen
+        if code.co_name == "<module>":
+            body = f.f_globals.get("__name__")
+        elif code.co_name == "exec_module" and code.co_filename.startswith("<frozen importlib") \
+                and f.f_back is not None and f.f_back.f_code.co_filename.startswith("<frozen importlib"):
+            # the import system running a module body (not code calling exec_module itself); with no
+            # body seen yet it is the module being decided right now, which says nothing of who asked
+            if body is not None:
+                if not (isinstance(body, str) and trusted(body)):
+                    return False
+                seen = True
+                body = None
+        f = f.f_back
+    return False
 
 
 # --- the interpreter's installation: where installed, trusted code and data live -----------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("pickle", "loaders", "network", "multiprocessing", "threads", "imports", "code", "process", "native", "files", "modelcode", "transformers", "tamper")
+NAMES = ("pickle", "loaders", "network", "resource_sharer", "multiprocessing", "threads", "imports", "code", "process", "native", "files", "modelcode", "transformers", "tamper")
 
 
 def modules():

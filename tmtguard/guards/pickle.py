@@ -19,6 +19,7 @@ from __future__ import annotations
 import pickle
 import sys
 import _pickle
+from copyreg import _extension_cache as _ext_cache
 
 from .. import _unpatched, decision, provenance
 from ..decision import PickleViolation
@@ -74,7 +75,9 @@ def _on_find_class(args):
 # --- entry points -----------------------------------------------------------------------------
 
 
-def _framed(loader, obj, fn, args, kwargs):
+def _framed(loader, obj, fn, args, kwargs, container=False):
+    if _ext_cache:
+        _ext_cache.clear()
     top = provenance.adoptable()
     if top is not None:  # the unpickler a container loader (torch.load, numpy.load...) runs
         top.unpickling = True
@@ -82,7 +85,7 @@ def _framed(loader, obj, fn, args, kwargs):
             return fn(*args, **kwargs)
         finally:
             top.unpickling = False
-    frame, token = provenance.push(loader, obj)
+    frame, token = provenance.push(loader, obj, container=container)
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:
@@ -94,33 +97,55 @@ def _framed(loader, obj, fn, args, kwargs):
 
 _chain_get = provenance._CHAIN.get
 _materialized = provenance._materialized
+_local = provenance._local
+
+# copyreg's EXT cache (code -> object) is process-wide and both unpicklers consult it BEFORE
+# find_class: an object one artifact resolved under its scoped rule (or in audit mode, or while the
+# guard was off) would be handed to the next artifact with no decision. Every guarded load starts
+# with it empty; EXT codes are rare, so this is one dict truth test on the fast path.
 
 
 def loads(data, /, **kwargs):
     # pickle.loads takes data positionally and the rest by keyword only.
+    if _ext_cache:
+        _ext_cache.clear()
     if _chain_get():
         return _framed("pickle.loads", data, _c_loads, (data,), kwargs)
     # Top level: no frame unless a decision or a nested load needs one (see provenance.chain()).
+    # ``pending`` tells the other guards a load is running on this thread, so that an action it takes
+    # (a connect, a spawn, an open) asks for the chain (provenance.acting_chain materializes it).
+    local = _local
+    pending = local.pending
+    local.pending = "pickle.loads"
     try:
         result = _c_loads(data, **kwargs) if kwargs else _c_loads(data)
     except BaseException as exc:
+        local.pending = pending
         if _materialized:
             provenance.close_lazy(sys._getframe(), exc)
         raise
+    local.pending = pending
     if _materialized:
         provenance.close_lazy(sys._getframe(), None)
     return result
 
 
 def load(file, /, **kwargs):
+    if _ext_cache:
+        _ext_cache.clear()
     if _chain_get():
         return _framed("pickle.load", file, _c_load, (file,), kwargs)
+    local = _local
+    pending = local.pending
+    local.pending = "pickle.load"
     try:
         result = _c_load(file, **kwargs) if kwargs else _c_load(file)
     except BaseException as exc:
+        local.pending = pending
         if _materialized:
             provenance.close_lazy(sys._getframe(), exc)
         raise
+    local.pending = pending
     if _materialized:
         provenance.close_lazy(sys._getframe(), None)
     return result
@@ -130,12 +155,16 @@ provenance.register_lazy_loader(loads.__code__, "pickle.loads", "data")
 provenance.register_lazy_loader(load.__code__, "pickle.load", "file")
 
 
+# pickle._loads/_load run a pickle._Unpickler (ours): their frame is a container that unpickler adopts,
+# so one load shows as one frame.
+
+
 def _py_loads(data, /, *args, **kwargs):
-    return _framed("pickle._loads", data, _unpatched.pickle_py_loads, (data,) + args, kwargs)
+    return _framed("pickle._loads", data, _unpatched.pickle_py_loads, (data,) + args, kwargs, True)
 
 
 def _py_load(file, /, *args, **kwargs):
-    return _framed("pickle._load", file, _unpatched.pickle_py_load, (file,) + args, kwargs)
+    return _framed("pickle._load", file, _unpatched.pickle_py_load, (file,) + args, kwargs, True)
 
 
 class Unpickler(_unpatched.c_Unpickler):
@@ -148,6 +177,11 @@ class Unpickler(_unpatched.c_Unpickler):
     def load(self):
         return _framed("pickle.Unpickler", getattr(self, "_tmtguard_file", None),
                        _unpatched.c_Unpickler.load, (self,), {})
+
+    def __setattr__(self, name, value):
+        if name == "find_class":
+            value = _checked_find_class(value)
+        super().__setattr__(name, value)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -164,6 +198,11 @@ class _PyUnpickler(_unpatched.pickle_py_Unpickler):
     def load(self):
         return _framed("pickle._Unpickler", getattr(self, "_tmtguard_file", None),
                        _unpatched.pickle_py_Unpickler.load, (self,), {})
+
+    def __setattr__(self, name, value):
+        if name == "find_class":
+            value = _checked_find_class(value)
+        super().__setattr__(name, value)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -198,6 +237,21 @@ def _wrap_find_class(cls) -> None:
     _wrapped.append((cls, original))
 
 
+def _checked_find_class(find_class):
+    """``unpickler.find_class = f`` on an instance: f replaces the method that raises the audit event
+    (both unpicklers look find_class up on the instance), so decide before calling it."""
+    if getattr(find_class, "_tmtguard_original", None) is not None:
+        return find_class
+
+    def checked(module, name):
+        if _on and (module, name) not in _allowed:
+            check(module, name)
+        return find_class(module, name)
+
+    checked._tmtguard_original = find_class
+    return checked
+
+
 def _existing_subclasses():
     seen = set()
     todo = [_unpatched.c_Unpickler, _unpatched.pickle_py_Unpickler]
@@ -226,6 +280,7 @@ _ORIGINALS = {
 def install(policy) -> None:
     global _allowed, _on
     _allowed = policy.pickle_inert
+    _ext_cache.clear()  # resolved while the guard was off, in audit mode or under other rules
     for module, attr, replacement in _PATCHES:
         setattr(module, attr, replacement)
     for cls in _existing_subclasses():
