@@ -243,6 +243,13 @@ def artifact_matches(match: ArtifactMatch, frame) -> bool:
 
 def suggestion(section: str, entry: str, frame=None, *, digest: str | None = None) -> str:
     """The allowlist lines that would permit an action: globally, and scoped to the artifact."""
+    if section == "pickle":
+        from .schema import PICKLE_REF
+
+        if not PICKLE_REF.fullmatch(entry):
+            # No allowlist can name it; and a pickle's raw text (a newline in a STACK_GLOBAL name)
+            # must never reach the refusal message or the log as lines of its own.
+            return None
     lines = [f"{section}:", "  allow:", f"    - {entry!r}" if section != "pickle" else f"    - {entry}"]
     text = "\n".join(lines)
     if frame is not None:

@@ -346,8 +346,12 @@ _PLAIN_TAGS = frozenset("tag:yaml.org,2002:" + t for t in ("map", "seq", "str", 
 def _plain_tags_only(ctx: _Ctx, node) -> None:
     """An allowlist is plain data: a YAML tag (!!python/object...) is refused wherever it stands."""
     todo = [node]
+    seen: set = set()  # anchors and aliases share nodes: a recursive alias (&a [*a]) is a cycle
     while todo:
         n = todo.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
         if n.tag not in _PLAIN_TAGS:
             ctx.fail(n, f"YAML tag {n.tag!r} is not allowed in an allowlist (plain data only)")
         if isinstance(n, yaml.MappingNode):
@@ -380,6 +384,8 @@ def _remote_code(ctx: _Ctx, node) -> list:
                 ctx.fail(fnode, f"{where}.files must map file names to sha256:<hex>")
             seen = set()
             for k, v in fnode.value:
+                if not isinstance(k, yaml.ScalarNode):
+                    ctx.fail(k, f"{where}.files must map file names to sha256:<hex>, not {_kind(k)} to a digest")
                 if k.value in seen:
                     ctx.fail(k, f"duplicate file '{k.value}' in {where}.files")
                 seen.add(k.value)
