@@ -6,6 +6,8 @@ every ``TMTGUARD_*`` variable.
 """
 from __future__ import annotations
 
+import sys
+
 __version__ = "0.1.0"
 
 from .activation import activate, deactivate, status
@@ -35,7 +37,8 @@ class guarded_load:
         from . import provenance
 
         loader, artifact, repo, revision = self._args
-        self._held = provenance.push(loader, artifact, container=True, repo=repo, revision=revision)
+        self._held = provenance.push(loader, artifact, container=True, repo=repo, revision=revision,
+                                     entry=sys._getframe(1))
         return self._held[0]
 
     def __exit__(self, exc_type, exc, tb):

@@ -32,6 +32,7 @@ from importlib.machinery import EXTENSION_SUFFIXES
 
 from .. import _unpatched, decision, provenance
 from ..decision import ImportViolation, NativeViolation
+from ..policy import builtin_allowlist_files
 from . import _audit, _scope
 
 _on = False
@@ -339,9 +340,50 @@ def restore_finder() -> None:
 # --- install / uninstall ---------------------------------------------------------------------------
 
 
+_trusted_tops = None  # top-level names of the built-in frameworks and their dependencies, transitively
+
+
+def _trusted_framework(module: str) -> bool:
+    """A module of the built-in import list (stdlib, the frameworks) or of a distribution those
+    frameworks depend on, transitively (torch -> sympy -> mpmath): its start-up is its own."""
+    global _trusted_tops
+    policy = _policy
+    if policy is None:
+        return False
+    src = policy.import_allowed(module, ())
+    builtin = builtin_allowlist_files()
+    if src is not None and src.file in builtin:
+        return True
+    if _trusted_tops is None:
+        frameworks = {k[:-2] for k, v in policy.base.imports.items() if v.file in builtin and k.endswith(".*")}
+        with provenance.internal():
+            _trusted_tops = frozenset(_closure(frameworks))
+    return module.partition(".")[0] in _trusted_tops
+
+
+def _closure(tops) -> set:
+    provenance.distribution_of(__file__)  # fills provenance's top-level map
+    dists = set()
+    for top in tops:
+        dists.update(_norm(d) for d in (provenance._top_level_dists or {}).get(top, ()))
+    seen, out = set(), set(tops)
+    while dists:
+        d = dists.pop()
+        if d in seen:
+            continue
+        seen.add(d)
+        importable = _importable_by(d)
+        out.update(importable)
+        for top in importable:
+            dists.update(_norm(x) for x in (provenance._top_level_dists or {}).get(top, ()))
+    return out
+
+
 def install(policy) -> None:
-    global _on, _policy
+    global _on, _policy, _trusted_tops
     _policy = policy
+    _trusted_tops = None
+    provenance.trusted_start_up = _trusted_framework
     _scope.configure()
     restore_finder()
     _audit.register("import", _on_import_event)
@@ -351,6 +393,7 @@ def install(policy) -> None:
 def uninstall() -> None:
     global _on
     _on = False
+    provenance.trusted_start_up = None
     _audit.unregister("import")
     meta_path = sys.meta_path
     for i in range(len(meta_path) - 1, -1, -1):

@@ -288,8 +288,14 @@ def check_module_exec(name: str, code) -> None:
     module = sys.modules.get(name)
     if module is None or not (name in RELOAD_PROTECTED or name.startswith("tmtguard")):
         return
-    if getattr(module, "__file__", None) == code.co_filename:
+    if getattr(module, "__file__", None) == code.co_filename and _populated(module):
         check_reload(name)
+
+
+def _populated(module) -> bool:
+    """A module whose body already ran (a reload), not one the import system just created for its
+    first import (only the dunder attributes importlib sets)."""
+    return any(not k.startswith("__") for k in vars(module))
 
 
 # --- verify: put back what got past the checks ------------------------------------------------------
