@@ -97,12 +97,12 @@ def _check(via: str, filename, source, name=None) -> None:
     if not _on or _lazy.internal:
         return
     # sys._getframe: 0 _check, 1 the event handler, 2 the audit hook, 3 the caller of compile()...
-    f = _scope.frame(3)
-    if f is None or _executing_module(f):
-        return  # no Python frame: the interpreter compiling the main program or a traceback line
     chain = _scope.checked_chain()
     if chain is None:
         return
+    f = _scope.frame(3)
+    if f is None or _executing_module(f):
+        return  # no Python frame: the interpreter compiling the main program or a traceback line
     try:
         generator = _generator(f)
         if _policy.code_allowed(generator, chain) is not None:

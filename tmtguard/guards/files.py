@@ -105,15 +105,15 @@ def _changes(operation: str, *positions):
 def _check(path, write: bool, operation: str) -> None:
     if not _on or _lazy.internal:
         return
+    chain = _scope.checked_chain(applies_wide=False)
+    if chain is None:
+        return  # application code while model code exists in the process: one stack walk
     try:
         path = os.fsdecode(path)
     except TypeError:
         return
     f = _scope.frame(3)
     if _scope.in_import_machinery(f) and path.endswith(_IMPORT_SUFFIXES):
-        return
-    chain = _scope.checked_chain(applies_wide=False)
-    if chain is None:
         return
     try:
         _decide(path, write, operation, chain, f)
