@@ -48,6 +48,8 @@ REPAIRED = {
     "replace meta_path": "sys.meta_path = [f for f in sys.meta_path if 'tmtguard' not in repr(f)]",
     "restore pickle.loads": "pickle.loads = sys.modules['tmtguard._unpatched'].pickle_loads",
     "restore pickle.Unpickler": "pickle.Unpickler = _pickle.Unpickler.__mro__[1]",
+    "mode through object.__setattr__": "object.__setattr__(sys.modules['tmtguard.decision'].state, 'mode', 'off')",
+    "restore Thread.start": "import threading; threading.Thread.start = threading.Thread.start._tmtguard_original",
 }
 IMPORTS = "import subprocess\nimport pickle\nimport _pickle\nimport socket\nimport _posixsubprocess\n"
 

@@ -94,7 +94,10 @@ def _decide(library: str, symbol, chain, via: str) -> None:
         if _own_library(library):
             return
         target = library if symbol is None else f"{library}:{symbol}"
-        what = f"looked up {symbol!r} in {library!r}" if symbol else f"loaded {library!r}"
+        if library == "<subinterpreter>":
+            what = "created a sub-interpreter (whose actions this interpreter's audit hook never sees)"
+        else:
+            what = f"looked up {symbol!r} in {library!r}" if symbol else f"loaded {library!r}"
         _scope.refuse(
             "native.load", target,
             f"{what} ({via}), and no native.allow rule names it; native code runs unseen by any in-process guard",
