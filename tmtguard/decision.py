@@ -136,7 +136,11 @@ def refuse(action: str, target: str, rule: str, *, chain=None, suggestion: str |
     if mode == "off":
         return None
     if chain is None:
-        chain = provenance.chain()
+        try:
+            chain = provenance.chain()
+        except Exception as exc:  # a decision is still made, and reported, without its chain
+            chain = ()
+            detail = dict(detail or {}, chain_error=repr(exc))
     # One event per (action, target) per load: a pickle naming one class 10,000 times reports it once.
     frame = chain[-1] if chain else None
     if frame is not None:
@@ -150,14 +154,22 @@ def refuse(action: str, target: str, rule: str, *, chain=None, suggestion: str |
         else:
             frame.reported.add(key)
     verdict = "blocked" if mode == "enforce" else "audited"
-    decision = Decision(mode, verdict, action, target, rule, tuple(chain),
-                        origin if origin is not None else provenance.origin(2), suggestion, detail, warning)
+    if origin is None:
+        try:
+            origin = provenance.origin(2)
+        except Exception as exc:  # the key above is already marked reported: the event must still go out
+            detail = dict(detail or {}, origin_error=repr(exc))
+    decision = Decision(mode, verdict, action, target, rule, tuple(chain), origin, suggestion, detail, warning)
     try:
         events.emit(decision)
     except Exception as exc:  # a sink failure is a counted drop, never a reason to let the action through
         events.count_drop("emit", exc)
     if verdict == "blocked":
-        raise violation(decision.message(), decision)
+        try:
+            message = decision.message()
+        except Exception as exc:
+            message = f"tmtguard blocked {action} {target!r} (the full message failed: {exc!r})"
+        raise violation(message, decision)
     return decision
 
 

@@ -8,8 +8,10 @@ its network traffic and files are never checked by tmtguard's guards.
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 import threading
+import time
 
 _exporter_choice = "global"
 _tracer = None
@@ -147,13 +149,77 @@ def end_load(frame, error) -> None:
                     span.set_status(Status(StatusCode.ERROR, str(error).splitlines()[0]))
                 else:
                     span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
-            span.end()
+            _ender.end(span)
             try:
                 _context.detach(token)
             except Exception:
                 pass
     except Exception:
         pass
+
+
+# --- ending spans: the load never waits on an exporter for more than END_WAIT seconds ---------------
+# span.end() runs the application's span processors, and a SimpleSpanProcessor exports right there:
+# an exporter that hangs would hang the guarded load (in enforce, before its refusal is raised) for
+# good. So tmtguard's spans end on a helper thread. The load waits for it at most END_WAIT (with a
+# working exporter the span is exported before the load returns, as before), and not at all while the
+# helper is stuck on an earlier span; spans queued beyond _END_QUEUE_MAX are counted drops.
+END_WAIT = 0.5
+_END_QUEUE_MAX = 1024
+
+
+class _Ender:
+    def __init__(self):
+        self.queue = None
+        self.pid = None
+        self.busy_since = None  # time.monotonic() when the helper started ending its current span
+        self.lock = threading.Lock()
+
+    def end(self, span) -> None:
+        end_time = time.time_ns()
+        if self.pid != os.getpid():  # first span, or a forked child (the helper thread did not fork)
+            self._start()
+        busy = self.busy_since
+        stuck = busy is not None and time.monotonic() - busy > END_WAIT
+        done = threading.Event()
+        try:
+            self.queue.put_nowait((span, end_time, done))
+        except Exception as exc:  # queue.Full: the exporter has been stuck for a long while
+            from . import events
+
+            events.count_drop("opentelemetry (a span processor is stuck)", exc)
+            return
+        if not stuck:
+            done.wait(END_WAIT)
+
+    def _start(self) -> None:
+        import queue
+
+        with self.lock:
+            if self.pid == os.getpid():
+                return
+            self.queue = queue.Queue(_END_QUEUE_MAX)
+            self.busy_since = None
+            threading.Thread(target=self._run, args=(self.queue,), name="tmtguard-span-end", daemon=True).start()
+            self.pid = os.getpid()
+
+    def _run(self, q) -> None:
+        from . import provenance
+
+        while True:
+            span, end_time, done = q.get()
+            self.busy_since = time.monotonic()
+            try:
+                with provenance.internal():
+                    span.end(end_time=end_time)
+            except Exception:
+                pass
+            finally:
+                self.busy_since = None
+                done.set()
+
+
+_ender = _Ender()
 
 
 def decision_event(frame, record: dict) -> None:

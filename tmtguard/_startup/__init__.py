@@ -23,11 +23,23 @@ def activate_or_exit(explicit_import: bool = False) -> None:
         except config.ConfigError:
             mode = "enforce"  # an unknown mode: fail closed
         if mode == "audit":
-            sys.stderr.write(f"tmtguard: {exc}\ntmtguard: audit mode: going on with the built-in allowlists only\n")
-            try:
-                activation.activate(allowlists=(), events_path=None)
-            except config.ConfigError as again:
-                sys.stderr.write(f"tmtguard: {again}\ntmtguard: audit mode: going on unguarded\n")
+            # Keep auditing with what does work. events_path="" means no events file (None would read
+            # TMTGUARD_EVENTS again): the decisions still reach the log and OpenTelemetry.
+            sys.stderr.write(f"tmtguard: {exc}\n")
+            for overrides, what in (({"events_path": ""}, "without the events file (decisions go to the log)"),
+                                    ({"allowlists": ()}, "with the built-in allowlists only"),
+                                    ({"allowlists": (), "events_path": ""},
+                                     "with the built-in allowlists only, without the events file (decisions go to the log)")):
+                try:
+                    activation.activate(**overrides)
+                except config.ConfigError as again:
+                    if str(again) != str(exc):
+                        sys.stderr.write(f"tmtguard: {again}\n")
+                    exc = again
+                    continue
+                sys.stderr.write(f"tmtguard: audit mode: going on {what}\n")
+                return
+            sys.stderr.write("tmtguard: audit mode: going on unguarded\n")
             return
         sys.stderr.write(f"tmtguard: {exc}\ntmtguard: refusing to start unguarded (mode {mode}); fix the setting or set TMTGUARD_MODE=off\n")
         sys.stderr.flush()
