@@ -189,3 +189,17 @@ def test_files_rule_is_not_process_wide(guard, tmp_path, home):
     finally:
         guard()
     assert events == []
+
+
+def test_pickle_reading_a_secret_at_load_time(guard, tmp_path, home):
+    # even a pickle allowlist wide enough to let builtins:open through does not reach the secret
+    import pickle
+
+    import artifacts as A
+
+    data = A.dumps(A.call(A.glob("builtins", "open"), str(home / ".aws" / "credentials")))
+    events = guard(allowlists=[write_allowlist(tmp_path / "p.yaml", "version: 1\npickle:\n  allow: ['builtins:open']\n")])
+    with pytest.raises(tmtguard.FileViolation, match="AWS credentials"):
+        pickle.loads(data)
+    [ev] = P.of(events, "file.open")
+    assert ev["chain"][0]["loader"] == "pickle.loads" and ev["origin"]["file"] == __file__

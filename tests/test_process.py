@@ -238,3 +238,24 @@ def test_process_wide_from_the_environment(tmp_path, marker):
     assert not marker.exists()
     proc = run_python(code, cwd=tmp_path, env=subprocess_env(TMTGUARD_MODE="enforce"))
     assert "BLOCKED" not in proc.stdout and marker.exists(), proc.stderr
+
+
+def test_pickle_spawning_a_process_at_load_time(guard, tmp_path, marker):
+    # a pickle allowlist that lets subprocess:call through still does not let the pickle spawn
+    import pickle
+
+    import artifacts as A
+
+    data = A.dumps(A.call(A.glob("subprocess", "call"), ["touch", str(marker)]))
+    events = guard(allowlists=[write_allowlist(tmp_path / "p.yaml", "version: 1\npickle:\n  allow: ['subprocess:call']\n")])
+    with pytest.raises(tmtguard.ProcessViolation):
+        pickle.loads(data)
+    assert not marker.exists()
+    [ev] = P.of(events, "process.spawn")
+    assert ev["chain"][0]["loader"] == "pickle.loads" and ev["chain"][0]["artifact"] == f"<bytes:{len(data)}>"
+    tmtguard.deactivate()
+    try:
+        pickle.loads(data)
+    finally:
+        guard()
+    assert marker.exists(), "the same pickle spawns when unguarded"
