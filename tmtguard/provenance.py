@@ -275,6 +275,7 @@ def is_internal() -> bool:
 
 _dist_by_file: dict = {}
 _top_level_dists = None
+_dists_lock = threading.RLock()
 _STDLIB = os.path.dirname(os.__file__) + os.sep
 
 
@@ -348,10 +349,14 @@ def _lookup_distribution(filename: str) -> dict | None:
     top = path[len(best):].split(os.sep, 1)[0]
     top = top[:-3] if top.endswith(".py") else top
     if _top_level_dists is None:
-        try:
-            _top_level_dists = md.packages_distributions()
-        except Exception:
-            _top_level_dists = {}
+        # Reads every installed distribution's metadata (seconds on a big environment): once, not
+        # once per thread refused at the same moment.
+        with _dists_lock:
+            if _top_level_dists is None:
+                try:
+                    _top_level_dists = md.packages_distributions()
+                except Exception:
+                    _top_level_dists = {}
     names = _top_level_dists.get(top)
     if not names:
         return None

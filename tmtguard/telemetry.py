@@ -164,8 +164,31 @@ def end_load(frame, error) -> None:
 # good. So tmtguard's spans end on a helper thread. The load waits for it at most END_WAIT (with a
 # working exporter the span is exported before the load returns, as before), and not at all while the
 # helper is stuck on an earlier span; spans queued beyond _END_QUEUE_MAX are counted drops.
+# Spans that cannot block end right away: a non-recording span (no SDK provider), or one whose
+# processors are all BatchSpanProcessors (on_end only enqueues).
 END_WAIT = 0.5
 _END_QUEUE_MAX = 1024
+_never_blocks: dict = {}  # id(the span's processor) -> bool, cached per provider
+
+
+def _ends_without_blocking(span) -> bool:
+    try:
+        if not span.is_recording():
+            return True
+        multi = getattr(span, "_span_processor", None)
+        if multi is None:
+            return False
+        key = id(multi)
+        known = _never_blocks.get(key)
+        if known is None:
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            procs = getattr(multi, "_span_processors", None)
+            known = procs is not None and all(isinstance(p, BatchSpanProcessor) for p in procs)
+            _never_blocks[key] = known
+        return known
+    except Exception:
+        return False
 
 
 class _Ender:
@@ -176,6 +199,9 @@ class _Ender:
         self.lock = threading.Lock()
 
     def end(self, span) -> None:
+        if _ends_without_blocking(span):
+            span.end()
+            return
         end_time = time.time_ns()
         if self.pid != os.getpid():  # first span, or a forked child (the helper thread did not fork)
             self._start()
