@@ -194,9 +194,16 @@ class Policy:
         return bool(self.base.network_process_wide)
 
     def describe_sources(self) -> str:
-        builtin = [f for f in self.files if f in set(builtin_allowlist_files())]
-        user = [f for f in self.files if f not in builtin]
-        return f"built-in ({len(builtin)} files)" + (f", {', '.join(user)}" if user else "; no allowlist of yours")
+        # On every refusal: computed once per policy (listing the built-in folder is a glob and a
+        # realpath, and was done once per file; it was most of a refusal's cost).
+        text = self.__dict__.get("_described")
+        if text is None:
+            names = set(builtin_allowlist_files())
+            builtin = [f for f in self.files if f in names]
+            user = [f for f in self.files if f not in names]
+            text = f"built-in ({len(builtin)} files)" + (f", {', '.join(user)}" if user else "; no allowlist of yours")
+            self.__dict__["_described"] = text
+        return text
 
 
 def _widen(into: Section, more: Section) -> None:
