@@ -77,6 +77,12 @@ def in_import_machinery(frame) -> bool:
 
 
 def is_model_code(frame) -> bool:
+    """The frame runs model code: its module's file, or its code, is registered (see provenance)."""
+    try:
+        if frame.f_globals.get("__file__") in _model_code:
+            return True
+    except TypeError:
+        pass
     code = frame.f_code
     return code.co_filename in _model_code or id(code) in _model_code
 

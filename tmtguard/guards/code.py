@@ -62,7 +62,10 @@ def _on_code_new(args):
 def _on_function_new(args):
     if not _chain() and _lazy.pending is None and not _model_code:
         return
-    _adopt(args[0])
+    f = _scope.frame(2)
+    # a framework's module body defining functions at import (its start-up) makes no model code
+    if f is not None and not _executing_module(f):
+        _adopt(args[0])
 
 
 def _on_exec(args):
@@ -78,7 +81,10 @@ def _on_exec(args):
 
             imports.module_exec(code, f)
         return
-    if _chain() or _lazy.pending is not None or _model_code:
+    # code the unpickler itself runs (a REDUCE of exec), or that model code runs. Not what a framework
+    # executes inside a load (torch.fx's generated forward): that is the framework's code, and
+    # registering it would make every later stack walk look at code objects.
+    if f.f_code.co_filename == _PICKLE_GUARD or f.f_globals.get("__name__") == "pickle" or _scope.is_model_code(f):
         _adopt(code)
 
 
