@@ -141,35 +141,33 @@ class GuardedModule(types.ModuleType):
 _threads_started = False  # a thread carrying a chain exists (the fast test above must not miss it)
 
 
-class _Pinned:
+def _pinned(module, name: str, value) -> property:
     """A patch pinned on its module's class. A data descriptor on the type is found before the
     module's ``__dict__``, so writing the dict directly (``vars(module)[name] = original``) does not
-    unpatch ``module.name`` nor ``from module import name``; assigning goes through :meth:`__set__`."""
+    unpatch ``module.name`` nor ``from module import name``; assigning goes through the setter.
 
-    __slots__ = ("name", "value")
+    The getter is a dict's C ``get`` bound to a one-entry dict keyed by the module: reading
+    ``pickle.loads`` costs a C call, not a Python ``__get__`` (every unpickle reads it)."""
+    store = {module: value}
 
-    def __init__(self, name: str, value):
-        self.name = name
-        self.value = value
-
-    def __get__(self, obj, owner=None):
-        return self if obj is None else self.value
-
-    def __set__(self, obj, value):
+    def fset(obj, new):
         if _on and not _lazy.internal and acting() is not None:
-            refuse(f"{obj.__name__}.{self.name}", f"tried to assign {obj.__name__}.{self.name}, which tmtguard guards")
-        self.value = value
-        obj.__dict__[self.name] = value
+            refuse(f"{obj.__name__}.{name}", f"tried to assign {obj.__name__}.{name}, which tmtguard guards")
+        store[obj] = new
+        obj.__dict__[name] = new
 
-    def __delete__(self, obj):
+    def fdel(obj):
         if _on and not _lazy.internal and acting() is not None:
-            refuse(f"{obj.__name__}.{self.name}", f"tried to delete {obj.__name__}.{self.name}, which tmtguard guards")
-        obj.__dict__.pop(self.name, None)
+            refuse(f"{obj.__name__}.{name}", f"tried to delete {obj.__name__}.{name}, which tmtguard guards")
+        store[obj] = None
+        obj.__dict__.pop(name, None)
+
+    return property(store.get, fset, fdel)
 
 
 def _pin(module) -> None:
     """Give ``module`` a GuardedModule class of its own, pinning the tmtguard patches it holds."""
-    pinned = {attr: _Pinned(attr, value) for attr, value in list(vars(module).items())
+    pinned = {attr: _pinned(module, attr, value) for attr, value in list(vars(module).items())
               if _tmtguard_object(value) and not isinstance(value, types.ModuleType)}
     cls = type("GuardedModule", (GuardedModule,), {"__slots__": (), **pinned}) if pinned else GuardedModule
     object.__setattr__(module, "__class__", cls)
