@@ -16,8 +16,8 @@ Invariants, checked on every example:
 Allowlists: random text and mutated valid allowlists: ``tmtguard.policy.parse`` raises only
 AllowlistError (a clear message naming the file), whatever the input.
 
-Atheris is not used: it is not installed here and hypothesis covers these byte-level mutations
-within the suite's time budget.
+And atheris (coverage-guided, libFuzzer) over tmtguard's own decision code, in a fresh interpreter
+with a bounded number of runs: the same invariants; skipped where atheris is not installed.
 """
 from __future__ import annotations
 
@@ -394,3 +394,89 @@ def test_the_observer_sees_what_a_guard_lets_through(unguarded):
 def test_the_valid_allowlist_used_for_mutations_parses():
     af = parse(VALID_ALLOWLIST, "valid.yaml")
     assert ("myapp.models", "Net") in af.base.pickle and len(af.scoped) == 2
+
+
+# --- atheris: coverage-guided, over tmtguard's own decision code --------------------------------------
+# libFuzzer takes over the process it runs in, so the harness runs in a fresh interpreter with a seed
+# corpus of valid pickles, a bounded number of runs and a time cap. tmtguard is instrumented so that
+# inputs reaching new decision paths (new global spellings, nested loads) are kept and mutated.
+
+ATHERIS_HARNESS = r"""
+import io, os, pickle, resource, sys
+import atheris
+
+# A few bytes can ask for gigabytes (BYTEARRAY8's length, bytearray(n) through the allowlisted
+# builtins:bytearray): tmtguard decides globals, not sizes. Cap the address space so that is a
+# MemoryError here, not the fuzzer's out-of-memory stop.
+with open("/proc/self/status") as fh:
+    vm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+with atheris.instrument_imports(include=["tmtguard"]):
+    import tmtguard
+    from tmtguard import activation, events
+tmtguard.activate(mode="enforce", allowlists=[])
+ALLOWED = set(activation.active.policy.base.pickle)
+seen = []
+recording = [False]
+
+
+def observe(event, args):
+    if event == "pickle.find_class" and recording[0]:
+        seen.append((args[0], args[1]))
+
+
+sys.addaudithook(observe)
+ORDINARY = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            ImportError, UnicodeError, OverflowError, MemoryError, RecursionError, LookupError, ArithmeticError,
+            NotImplementedError, OSError, StopIteration, BufferError, AssertionError)
+import struct
+ORDINARY = ORDINARY + (struct.error,)
+DROPPED = events.dropped()
+
+
+def one(data):
+    del seen[:]
+    recording[0] = True
+    try:
+        (pickle.loads if len(data) % 2 else lambda d: pickle.Unpickler(io.BytesIO(d)).load())(data)
+    except tmtguard.GuardError:
+        raise
+    except tmtguard.Violation:
+        pass
+    except ORDINARY:
+        pass
+    finally:
+        recording[0] = False
+    leaked = [p for p in seen if p not in ALLOWED]
+    if leaked:
+        raise RuntimeError(f"non-allowlisted globals resolved: {leaked}")
+    if events.dropped() != DROPPED:
+        raise RuntimeError("an event was dropped")
+
+
+atheris.Setup(sys.argv, one)
+atheris.Fuzz()
+"""
+
+
+def test_atheris_coverage_guided_pickles(tmp_path):
+    pytest.importorskip("atheris")
+    import subprocess
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    seeds = [pickle.dumps(v, protocol=p) for p, v in enumerate(
+        [{"a": [1, 2.5, "x"]}, (b"\x00", None, True), {1: frozenset({2})}, [complex(1, 2)] * 2, {"s": {"t"}}, b"y" * 40])]
+    seeds += [b"\x80\x04" + _global_op(k, m, n) + b"." for k, (m, n) in enumerate(DANGEROUS[:6] + ALLOWED_SAMPLE[:3])]
+    for i, seed in enumerate(seeds):
+        (corpus / f"seed{i}").write_bytes(seed)
+    harness = tmp_path / "harness.py"
+    harness.write_text(ATHERIS_HARNESS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TMTGUARD_")}
+    out = subprocess.run([sys.executable, str(harness), "-runs=50000", "-max_total_time=15", "-rss_limit_mb=4096",
+                          "-max_len=256", f"-artifact_prefix={tmp_path}/", str(corpus)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "Done" in log and "Uncaught Python exception" not in log
