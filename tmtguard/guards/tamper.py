@@ -95,9 +95,11 @@ def _tmtguard_object(value) -> bool:
     if isinstance(value, types.FunctionType):
         return value.__code__.co_filename.startswith(_scope._OWN_DIR)
     if isinstance(value, type):
-        return any(isinstance(f, types.FunctionType) and f.__code__.co_filename.startswith(_scope._OWN_DIR)
-                   for f in vars(value).values())
+        return id(value) in _replacement_ids  # a class tmtguard put in place (pickle.Unpickler)
     return False
+
+
+_replacement_ids: set = set()  # id() of the objects the guards set as patches, refreshed at seal
 
 
 def _protected(owner, name: str) -> bool:
@@ -126,13 +128,13 @@ class GuardedModule(types.ModuleType):
         return types.ModuleType(*args, **kwargs)
 
     def __setattr__(self, name, value):
-        if (_chain() or _lazy.pending is not None or _model_code or _threads_started) and _on \
+        if (_chain() or _model_code or _threads_started) and _on \
                 and not _lazy.internal and _protected(self, name) and acting() is not None:
             refuse(f"{self.__name__}.{name}", f"tried to assign {self.__name__}.{name}, which tmtguard guards")
         super().__setattr__(name, value)
 
     def __delattr__(self, name):
-        if (_chain() or _lazy.pending is not None or _model_code or _threads_started) and _on \
+        if (_chain() or _model_code or _threads_started) and _on \
                 and not _lazy.internal and _protected(self, name) and acting() is not None:
             refuse(f"{self.__name__}.{name}", f"tried to delete {self.__name__}.{name}, which tmtguard guards")
         super().__delattr__(name)
@@ -192,7 +194,7 @@ def _guard_state_class():
 
 
 def _on_object_setattr(args):
-    if not _chain() and _lazy.pending is None and not _model_code and not _threads_started:
+    if not _chain() and not _model_code and not _threads_started:
         return
     owner, name = args[0], args[1]
     if not _on or _lazy.internal or not isinstance(name, str):
@@ -208,7 +210,7 @@ def _on_object_setattr(args):
 
 
 def _on_env(args):
-    if not _chain() and _lazy.pending is None and not _model_code and not _threads_started:
+    if not _chain() and not _model_code and not _threads_started:
         return
     key = args[0]
     key = key.decode("utf-8", "replace") if isinstance(key, (bytes, bytearray)) else str(key)
@@ -396,6 +398,15 @@ def seal() -> None:
 
 
 def _seal() -> None:
+    from . import modules
+
+    _replacement_ids.clear()
+    for guard in modules():
+        for entry in getattr(guard, "_patched", None) or ():
+            if len(entry) == 4:
+                _replacement_ids.add(id(entry[3]))
+        for entry in getattr(guard, "_PATCHES", None) or ():
+            _replacement_ids.add(id(entry[2]))
     _install_meta_path()
     _guard_state_class()
     names = list(WATCHED) + [n for n in list(sys.modules) if n == "tmtguard" or n.startswith("tmtguard.")]
