@@ -27,6 +27,11 @@ from typing import Callable
 
 import artifacts as A
 
+try:  # before anything imports the stdlib's distutils (pip does): setuptools then owns "distutils" for good
+    import setuptools  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
 
 @dataclass
 class Case:
@@ -186,6 +191,11 @@ def lib2to3_grammar(ctx):
 
 
 def distutils_write_file(ctx):
+    # Python 3.11's own distutils, once imported, makes setuptools' distutils hack refuse to load
+    # (torch.utils.cpp_extension imports setuptools): leave sys.modules as it was.
+    before = set(sys.modules)
+    ctx.cleanups.append(lambda: [sys.modules.pop(n) for n in list(sys.modules)
+                                 if n not in before and (n == "distutils" or n.startswith("distutils."))])
     data = dump(C(G("distutils.file_util", "write_file"), ctx.m, A.lst("pwned")))
     return ctx.file_case("distutils", data, "distutils.file_util:write_file")
 
@@ -317,6 +327,20 @@ def torch_execwrapper(ctx):
 
 def torch_collect_env_run(ctx):
     return ctx.file_case("collect_env", dump(C(G("torch.utils.collect_env", "run"), ctx.sh)), "torch.utils.collect_env:run")
+
+
+def torch_cpp_extension_compiler(ctx):
+    # torch's build helper runs the compiler it is named (``<compiler> -v``) to learn what it is.
+    ctx.fake_program("evilcc")
+    data = dump(C(G("torch.utils.cpp_extension", "check_compiler_ok_for_platform"), "evilcc"))
+    return ctx.file_case("cpp_extension", data, "torch.utils.cpp_extension:check_compiler_ok_for_platform")
+
+
+def torch_inductor_codecache(ctx):
+    # Inductor writes generated source to its cache folder and imports it: the source is the payload.
+    ctx.monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(ctx.tmp / "inductor"))
+    data = dump(C(G("torch._inductor.codecache", "PyCodeCache.load"), ctx.py + "\n"))
+    return ctx.file_case("inductor", data, "torch._inductor.codecache:PyCodeCache.load")
 
 
 def torch_fx_exec_with_source(ctx):
@@ -546,6 +570,9 @@ TECHNIQUES = [
     Technique("numpy-__builtins__", "no public advisory (modelscan issue #330)", numpy_builtins_attribute),
     Technique("torch-execWrapper", "GHSA-vr7h-p6mm-wpmh (picklescan)", torch_execwrapper),
     Technique("torch-collect_env.run", "GHSA-f745-w6jp-hpxx (picklescan)", torch_collect_env_run),
+    Technique("torch-cpp_extension-compiler", "no public advisory", torch_cpp_extension_compiler),
+    Technique("torch-_inductor-PyCodeCache.load", "no public advisory (picklescan's malicious test corpus has "
+              "torch._inductor.codecache.compile_file)", torch_inductor_codecache),
     Technique("torch-fx-_exec_with_source", "no public advisory", torch_fx_exec_with_source),
     Technique("torch-datapipes-basichandlers", "GHSA-h3qp-7fh3-f8h4 (picklescan)", torch_datapipes_decoder),
     Technique("marshal+FunctionType", "GHSA-565g-hwwr-4pp3 (fickling)", marshal_function),

@@ -32,12 +32,16 @@ def listener(marker):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
+    srv.settimeout(0.1)
     connected = threading.Event()
+    stop = threading.Event()
 
     def serve():
-        while True:
+        while not stop.is_set():
             try:
                 conn, _ = srv.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
             marker.write_text("connected")
@@ -47,8 +51,9 @@ def listener(marker):
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     yield srv.getsockname(), connected
-    srv.close()
+    stop.set()
     t.join(5)
+    srv.close()
 
 
 def forged_dupfd_pickle(address) -> bytes:
