@@ -156,9 +156,6 @@ def describe_artifact(obj) -> tuple[str, str | None, bytes | None, int | None]:
 
 class _Local(threading.local):
     internal = 0  # >0 while tmtguard does its own work (sinks, hashing): guards stand aside
-    pending = None  # the loader name while a lazy top-level pickle load runs on this thread (set by
-    # the pickle guard's wrappers): the other guards' fast paths then ask acting_chain(), which
-    # materializes the load's frame, so a spawn or connect during it is attributed and checked
 
 
 _local = _Local()
@@ -470,11 +467,6 @@ def acting_chain():
     c = _CHAIN.get()
     if c:
         return None if _library_start_up(sys._getframe(1), c[-1].entry) else c
-    if _local.pending is not None and not _local.internal:
-        # a lazy top-level pickle load is running on this thread: what it does is its doing
-        c = chain()
-        if c:
-            return None if _library_start_up(sys._getframe(1), c[-1].entry) else c
     if not _model_code:
         return None
     found = model_code_frame(2)

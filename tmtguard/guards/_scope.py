@@ -6,10 +6,10 @@ process, code, native), every caller. Never tmtguard's own work.
 
 Each hook starts with the same inline test, before calling anything::
 
-    if not _chain() and _lazy.pending is None and not _model_code and not wide.on:
+    if not _chain() and not _model_code and not wide.on:
         return
 
-so that application code pays a ContextVar read, an attribute read and two truth tests.
+so that application code pays a ContextVar read and two truth tests.
 """
 from __future__ import annotations
 

@@ -42,25 +42,25 @@ _PICKLE_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pickle
 
 
 def _on_compile(args):
-    if not _chain() and _lazy.pending is None and not _model_code and not _wide.on:
+    if not _chain() and not _model_code and not _wide.on:
         return
     _check("compile", args[1], args[0])
 
 
 def _on_marshal(args):
-    if not _chain() and _lazy.pending is None and not _model_code and not _wide.on:
+    if not _chain() and not _model_code and not _wide.on:
         return
     _check("marshal.loads", None, None)
 
 
 def _on_code_new(args):
-    if not _chain() and _lazy.pending is None and not _model_code and not _wide.on:
+    if not _chain() and not _model_code and not _wide.on:
         return
     _check("types.CodeType", args[1], None, name=args[2])
 
 
 def _on_function_new(args):
-    if not _chain() and _lazy.pending is None and not _model_code:
+    if not _chain() and not _model_code:
         return
     f = _scope.frame(2)
     # a framework's module body defining functions at import (its start-up) makes no model code
@@ -69,7 +69,7 @@ def _on_function_new(args):
 
 
 def _on_exec(args):
-    if not _chain() and _lazy.pending is None and not _model_code and not _wide.on:
+    if not _chain() and not _model_code and not _wide.on:
         return
     code = args[0]
     f = _scope.frame(2)

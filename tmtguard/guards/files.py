@@ -76,11 +76,11 @@ SYSTEM_READS = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/s
 
 def _quiet() -> bool:
     # Not process-wide: TMTGUARD_PROCESS_WIDE extends the import, process, code and native rules only.
-    return not _chain() and _lazy.pending is None and not _model_code
+    return not _chain() and not _model_code
 
 
 def _on_open(args):
-    if not _chain() and _lazy.pending is None and not _model_code:
+    if not _chain() and not _model_code:
         return
     path = args[0]
     if isinstance(path, int) or path is None:
@@ -93,7 +93,7 @@ def _on_open(args):
 
 def _changes(operation: str, *positions):
     def handler(args):
-        if not _chain() and _lazy.pending is None and not _model_code:
+        if not _chain() and not _model_code:
             return
         for i in positions:
             if i < len(args) and isinstance(args[i], (str, bytes, os.PathLike)):

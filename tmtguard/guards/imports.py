@@ -49,7 +49,7 @@ class ImportGuard:
     """tmtguard's ``sys.meta_path`` entry."""
 
     def find_spec(self, name, path=None, target=None):
-        if not _chain() and _lazy.pending is None and not _model_code and not _wide.on:
+        if not _chain() and not _model_code and not _wide.on:
             return None
         return _decide(name, path, target)
 
@@ -282,7 +282,7 @@ def _compute_importable(dist_name: str) -> frozenset:
 
 
 def _on_import_event(args):
-    if not _chain() and _lazy.pending is None and not _model_code and not _wide.on:
+    if not _chain() and not _model_code and not _wide.on:
         return
     if not _on or _lazy.internal:
         return

@@ -36,7 +36,7 @@ _lock = threading.Lock()
 
 
 def _quiet() -> bool:
-    return not _chain() and _lazy.pending is None and not _model_code and not _wide.on
+    return not _chain() and not _model_code and not _wide.on
 
 
 def _library_name(name) -> str:

@@ -97,7 +97,6 @@ def _framed(loader, obj, fn, args, kwargs, container=False):
 
 _chain_get = provenance._CHAIN.get
 _materialized = provenance._materialized
-_local = provenance._local
 
 # copyreg's EXT cache (code -> object) is process-wide and both unpicklers consult it BEFORE
 # find_class: an object one artifact resolved under its scoped rule (or in audit mode, or while the
@@ -111,20 +110,15 @@ def loads(data, /, **kwargs):
         _ext_cache.clear()
     if _chain_get():
         return _framed("pickle.loads", data, _c_loads, (data,), kwargs)
-    # Top level: no frame unless a decision or a nested load needs one (see provenance.chain()).
-    # ``pending`` tells the other guards a load is running on this thread, so that an action it takes
-    # (a connect, a spawn, an open) asks for the chain (provenance.acting_chain materializes it).
-    local = _local
-    pending = local.pending
-    local.pending = "pickle.loads"
+    # Top level: no frame unless a decision or a nested load needs one (see provenance.chain()). A
+    # global that can act (a built-in that connects or reads, anything only your allowlist names)
+    # materializes the frame when it is decided, so what it then does is checked against the load.
     try:
         result = _c_loads(data, **kwargs) if kwargs else _c_loads(data)
     except BaseException as exc:
-        local.pending = pending
         if _materialized:
             provenance.close_lazy(sys._getframe(), exc)
         raise
-    local.pending = pending
     if _materialized:
         provenance.close_lazy(sys._getframe(), None)
     return result
@@ -135,17 +129,12 @@ def load(file, /, **kwargs):
         _ext_cache.clear()
     if _chain_get():
         return _framed("pickle.load", file, _c_load, (file,), kwargs)
-    local = _local
-    pending = local.pending
-    local.pending = "pickle.load"
     try:
         result = _c_load(file, **kwargs) if kwargs else _c_load(file)
     except BaseException as exc:
-        local.pending = pending
         if _materialized:
             provenance.close_lazy(sys._getframe(), exc)
         raise
-    local.pending = pending
     if _materialized:
         provenance.close_lazy(sys._getframe(), None)
     return result
@@ -286,7 +275,7 @@ def install(policy) -> None:
     for cls in _existing_subclasses():
         if cls not in (Unpickler, _PyUnpickler):
             _wrap_find_class(cls)
-    _audit.register("pickle.find_class", _on_find_class)
+    _audit.register("pickle.find_class", _on_find_class, _allowed)
     _on = True
 
 

@@ -44,7 +44,7 @@ _original_spawnvef = getattr(os, "_spawnvef", None)
 
 
 def _quiet() -> bool:
-    return not _chain() and _lazy.pending is None and not _model_code and not _wide.on
+    return not _chain() and not _model_code and not _wide.on
 
 
 # --- audit events ----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ _model_code = _scope._model_code
 
 
 def start(self):
-    if _on and (_chain() or _lazy.pending is not None or _model_code) and not _lazy.internal:
+    if _on and (_chain() or _model_code) and not _lazy.internal:
         chain = provenance.acting_chain()
         if chain:
             from . import tamper

@@ -78,7 +78,8 @@ class Policy:
         # the chain. A pair only your allowlist names (your own class, a nested loader) takes the
         # slower path, so that what it does during the load is attributed to the load.
         builtin = set(builtin_allowlist_files())
-        self.pickle_inert = frozenset(k for k, src in self.base.pickle.items() if src.file in builtin)
+        self.pickle_inert = frozenset(k for k, src in self.base.pickle.items()
+                                      if src.file in builtin and not _acts(k))
         self.import_exact = frozenset(k for k in self.base.imports if not k.endswith(".*"))
         self.import_prefixes = tuple(k[:-1] for k in self.base.imports if k.endswith(".*"))
         self.has_scopes = bool(self.scoped)
@@ -204,6 +205,19 @@ class Policy:
             text = f"built-in ({len(builtin)} files)" + (f", {', '.join(user)}" if user else "; no allowlist of yours")
             self.__dict__["_described"] = text
         return text
+
+
+# Built-in pairs that are safe to name but ACT when rebuilt: they connect (a DataLoader worker's fd
+# hand-over), open shared memory, read arrays from files, or load a nested pickle. Allowed, but never
+# on the guard's no-frame fast path: deciding them materializes the load's frame, so that the
+# connect or read that follows is checked against the load (a forged DupFd connects anywhere).
+ACTING_BUILTIN_MODULES = ("torch.multiprocessing.reductions", "multiprocessing.resource_sharer", "joblib.",
+                          "torch.storage")
+
+
+def _acts(pair) -> bool:
+    module = pair[0]
+    return any(module == m or module.startswith(m if m.endswith(".") else m + ".") for m in ACTING_BUILTIN_MODULES)
 
 
 def _widen(into: Section, more: Section) -> None:
