@@ -133,6 +133,15 @@ def _load_once(art, errors, counts):
             _check_refusal(art, exc, errors)
             counts["refused"] += 1
         return
+    except SystemError as exc:
+        if "AST constructor recursion depth mismatch" not in str(exc):
+            errors.append(f"{art.name}: {type(exc).__name__}: {exc}")
+        else:
+            # CPython 3.11's AST constructor keeps its recursion depth in per-interpreter state, so
+            # numpy's header parsing (ast.literal_eval) in many threads at once can trip it
+            # (python/cpython#106905): counted, and bounded below, not tmtguard's decision path.
+            counts["cpython_ast_race"] = counts.get("cpython_ast_race", 0) + 1
+        return
     except Exception as exc:  # noqa: BLE001
         errors.append(f"{art.name}: {type(exc).__name__}: {exc}")
         return
@@ -216,6 +225,8 @@ def test_threads_and_tasks_load_good_and_bad_together(guard, corpus):
     refused = sum(c["refused"] for c in per_worker)
     loaded = sum(c["loaded"] for c in per_worker)
     assert refused > THREADS and loaded > THREADS, (refused, loaded)
+    races = sum(c.get("cpython_ast_race", 0) for c in per_worker)
+    assert races * 100 <= refused + loaded, f"{races} CPython AST races in {refused + loaded} loads"
     assert not any(markers.iterdir()), "a payload ran"
     blocked = [e for e in events if e["decision"] == "blocked"]
     assert len(blocked) == refused, "one event per refused load"
