@@ -158,9 +158,19 @@ def test_plain_pip_install_of_the_wheel_carries_the_hook(tmp_path_factory):
     assert "tmtguard-startup.pth" in names
     assert "tmtguard/allowlists/torch.yaml" in names
     venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
     subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    # After the install (pip would otherwise find the host's tmtguard already there): tmtguard's
+    # dependencies (wrapt, pyyaml, opentelemetry) come from this interpreter's site-packages, added as
+    # a plain path entry: its .pth files (and a tmtguard installed there) stay out, so what runs is
+    # exactly what the wheel installed into the venv.
+    site_dir = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    import sysconfig
+
+    with open(os.path.join(site_dir, "_host_dependencies.pth"), "w") as fh:
+        fh.write(sysconfig.get_paths()["purelib"] + "\n")
     probe = "import sys, pickle, tmtguard; print(tmtguard.__file__); print(tmtguard.status()['mode']); print(tmtguard.status()['allowlists'][0])"
     env = subprocess_env(TMTGUARD_MODE="audit")
     env.pop("PYTHONPATH")
