@@ -232,6 +232,17 @@ def push(loader: str, obj, *, container: bool = False, repo=None, revision=None,
     return frame, _CHAIN.set(parent + (frame,))
 
 
+def call_in_frame(frame: LoadFrame, token, fn, *args, **kwargs):
+    """Run ``fn`` inside a frame push() returned, and pop it (with the error, if any) however fn ends."""
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        pop(frame, token, exc)
+        raise
+    pop(frame, token)
+    return result
+
+
 def pop(frame: LoadFrame, token, error: BaseException | None = None) -> None:
     _CHAIN.reset(token)
     frame._data = None if frame._sha256 is not None else frame._data

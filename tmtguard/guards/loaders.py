@@ -31,13 +31,7 @@ def _guarded(loader: str, argname: str, fn):
             return fn(*args, **kwargs)
         artifact = args[0] if args else kwargs.get(argname)
         frame, token = provenance.push(loader, artifact, container=True)
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            provenance.pop(frame, token, exc)
-            raise
-        provenance.pop(frame, token)
-        return result
+        return provenance.call_in_frame(frame, token, fn, *args, **kwargs)
 
     guarded._tmtguard_original = fn
     return guarded

@@ -43,13 +43,7 @@ def _hub_load_local(original):
         provenance.register_model_folder(folder, chain)
         provenance.register_model_code(hubconf, chain)
         provenance.register_model_code(os.path.join(folder, "hubconf.py"), chain)
-        try:
-            result = original(hubconf_dir, model, *args, **kwargs)
-        except BaseException as exc:
-            provenance.pop(frame, token, exc)
-            raise
-        provenance.pop(frame, token)
-        return result
+        return provenance.call_in_frame(frame, token, original, hubconf_dir, model, *args, **kwargs)
 
     _load_local._tmtguard_original = original
     return _load_local
@@ -77,13 +71,7 @@ def _framed(method: str, original):
         filename = getattr(self, "filename", None) or "<torch.package>"
         path = os.path.abspath(filename) if not filename.startswith("<") else None
         frame, token = provenance.push("torch.package", (path or filename, path, None, None), container=True)
-        try:
-            result = original(self, *args, **kwargs)
-        except BaseException as exc:
-            provenance.pop(frame, token, exc)
-            raise
-        provenance.pop(frame, token)
-        return result
+        return provenance.call_in_frame(frame, token, original, self, *args, **kwargs)
 
     framed._tmtguard_original = original
     return framed

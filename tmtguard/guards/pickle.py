@@ -86,13 +86,7 @@ def _framed(loader, obj, fn, args, kwargs, container=False):
         finally:
             top.unpickling = False
     frame, token = provenance.push(loader, obj, container=container)
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:
-        provenance.pop(frame, token, exc)
-        raise
-    provenance.pop(frame, token)
-    return result
+    return provenance.call_in_frame(frame, token, fn, *args, **kwargs)
 
 
 _chain_get = provenance._CHAIN.get
