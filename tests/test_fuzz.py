@@ -128,7 +128,7 @@ def memory_ceiling(extra: int = 1 << 30):
 
 # tmtguard's entry-point wrappers: an error whose innermost Python frame is one of these came from
 # the C unpickler they called (C frames do not show), not from tmtguard.
-WRAPPERS = frozenset({"loads", "load", "_framed", "_py_loads", "_py_load"})
+WRAPPERS = frozenset({"loads", "load", "_framed", "_py_loads", "_py_load", "call_in_frame"})  # pass-through frames
 
 
 def _raised_inside_tmtguard(exc: BaseException) -> bool:
