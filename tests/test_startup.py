@@ -1,8 +1,11 @@
 """Turning it on with no code change: the start-up hook, in fresh interpreters (the point of these tests)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -139,6 +142,36 @@ ts = [threading.Thread(target=work) for _ in range(4)]
     assert all(json.loads(line)["target"] == "builtins:len" for line in lines)
 
 
+@pytest.mark.parametrize("hook", ["C", "Python"])
+def test_both_audit_hooks_make_the_same_decisions(tmp_path, marker, hook):
+    """The C hook (wheels built with a compiler) and the Python one (built without) refuse the same payload,
+    through the patched entry point and through a reference bound before tmtguard started."""
+    if hook == "C" and importlib.util.find_spec("tmtguard._auditfast") is None:
+        pytest.skip("tmtguard was built without a C compiler here")
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(A.marker_pickle(str(marker)))
+    code = f"""
+import sys
+if {hook!r} == "Python":
+    sys.modules["tmtguard._auditfast"] = None   # as if the wheel had been built without a compiler
+from _pickle import loads as early_loads
+import collections, datetime, pickle
+import tmtguard
+print(tmtguard.status()["audit_hook"])
+good = collections.OrderedDict(when=datetime.datetime(2024, 1, 1), n=[1, 2.0, "x"])
+print(pickle.loads(pickle.dumps(good)) == good)
+data = open({str(evil)!r}, "rb").read()
+for fn in (pickle.loads, early_loads):
+    try:
+        fn(data); print("LOADED")
+    except tmtguard.PickleViolation:
+        print("REFUSED")
+"""
+    out = run_python(code, cwd=tmp_path)
+    assert out.stdout.split() == [hook, "True", "REFUSED", "REFUSED"], out.stderr
+    assert not marker.exists()
+
+
 def test_plain_pip_install_of_the_wheel_carries_the_hook(tmp_path_factory):
     """A user's `pip install tmtguard` (no editable mode): the .pth and the allowlists land where they must."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,6 +190,12 @@ def test_plain_pip_install_of_the_wheel_carries_the_hook(tmp_path_factory):
     names = zipfile.ZipFile(wheel).namelist()
     assert "tmtguard-startup.pth" in names
     assert "tmtguard/allowlists/torch.yaml" in names
+    import sysconfig
+
+    compiler = shlex.split(sysconfig.get_config_var("CC") or "none")[0]
+    with_c = shutil.which(compiler) is not None
+    if with_c:  # this machine can build the C audit hook: the wheel must carry it
+        assert any(n.startswith("tmtguard/_auditfast") and n.endswith(".so") for n in names), names
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
@@ -167,17 +206,17 @@ def test_plain_pip_install_of_the_wheel_carries_the_hook(tmp_path_factory):
     # exactly what the wheel installed into the venv.
     site_dir = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               capture_output=True, text=True, check=True).stdout.strip()
-    import sysconfig
-
     with open(os.path.join(site_dir, "_host_dependencies.pth"), "w") as fh:
         fh.write(sysconfig.get_paths()["purelib"] + "\n")
-    probe = "import sys, pickle, tmtguard; print(tmtguard.__file__); print(tmtguard.status()['mode']); print(tmtguard.status()['allowlists'][0])"
+    probe = ("import sys, pickle, tmtguard; print(tmtguard.__file__); print(tmtguard.status()['mode']); "
+             "print(tmtguard.status()['allowlists'][0]); print(tmtguard.status()['audit_hook'])")
     env = subprocess_env(TMTGUARD_MODE="audit")
     env.pop("PYTHONPATH")
     out = subprocess.run([py, "-c", probe], cwd=work, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    file, mode, allowlist = out.stdout.split()
+    file, mode, allowlist, hook = out.stdout.split()
     assert file.startswith(str(venv)) and mode == "audit" and allowlist.startswith(str(venv))
+    assert hook == ("C" if with_c else "Python")
     # the hook itself, without any import in the program
     evil = work / "evil.pkl"
     evil.write_bytes(A.marker_pickle(str(work / "PWNED")))

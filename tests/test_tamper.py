@@ -50,6 +50,8 @@ REPAIRED = {
     "restore pickle.Unpickler": "pickle.Unpickler = _pickle.Unpickler.__mro__[1]",
     "mode through object.__setattr__": "object.__setattr__(sys.modules['tmtguard.decision'].state, 'mode', 'off')",
     "restore Thread.start": "import threading; threading.Thread.start = threading.Thread.start._tmtguard_original",
+    "unregister an audit handler": "sys.modules['tmtguard.guards._audit'].unregister('pickle.find_class')",
+    "unregister in the C hook": "(sys.modules.get('tmtguard._auditfast') or sys.modules['tmtguard.guards._audit']).unregister('pickle.find_class')",
 }
 IMPORTS = "import subprocess\nimport pickle\nimport _pickle\nimport socket\nimport _posixsubprocess\n"
 
@@ -98,6 +100,9 @@ def test_tamper_undone_and_reported_before_the_next_decision(guard, tmp_path, ma
     assert [e["action"] for e in events] == ["guard.tamper", "process.spawn"]
     assert events[0]["chain"][0]["loader"] == "torch.hub.load" and "put them back" in events[0]["rule"]
     assert (pickle.loads, pickle.Unpickler) == before and sys.meta_path[0] is import_guard.finder
+    from tmtguard.guards import _audit
+
+    assert _audit.current("pickle.find_class") is not None, "the pickle guard's audit handler is back"
 
 
 def test_tamper_payload_runs_when_unguarded(unguarded, tmp_path, marker):

@@ -6,6 +6,7 @@ import logging
 import threading
 
 from . import config, decision, events, guards, provenance, telemetry
+from .guards import _audit
 from .policy import Policy
 
 log = logging.getLogger("tmtguard")
@@ -95,4 +96,5 @@ def status() -> dict:
         "events": s.events if s else None,
         "otel_exporter": s.otel_exporter if s else None,
         "events_dropped": events.dropped(),
+        "audit_hook": "C" if _audit.native else "Python",
     }

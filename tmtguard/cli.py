@@ -17,7 +17,11 @@ def _check(args) -> int:
         print(f"tmtguard check: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(effective(policy), indent=2) if args.format == "json" else render_yaml(policy))
-    print(f"# ok: {len(args.files)} file(s) valid; {len(policy.files)} layer(s) merged", file=sys.stderr)
+    from .guards import _audit
+
+    hook = "C (tmtguard._auditfast)" if _audit.native else "Python (the C extension was not built)"
+    print(f"# ok: {len(args.files)} file(s) valid; {len(policy.files)} layer(s) merged; audit hook: {hook}",
+          file=sys.stderr)
     return 0
 
 

@@ -1,10 +1,19 @@
 """The one PEP 578 audit hook. CPython calls it for every audit event in the process, so its fast
-path is a single dict lookup; guards register a handler per event name (and, for the pickle guard,
+path must cost next to nothing; guards register a handler per event name (and, for the pickle guard,
 a set of arguments the hook lets through itself).
 
-A hook cannot be removed once added, which is the point: it backs the patches for references bound
-before tmtguard started (``from _pickle import loads``) and for anything that restores an original.
-When tmtguard is off the table is empty and the hook returns at once.
+Two implementations of the same table:
+
+* ``tmtguard._auditfast`` (C, built with the wheel where a compiler is present): a runtime hook added
+  with ``PySys_AddAuditHook``. An event nobody registered costs a string compare; an event whose
+  arguments are in the allow-set (a built-in pickle global) is settled in C. A Python hook costs
+  CPython ~2,500 instructions per event before its first line runs, which made up a third of a
+  guarded small ``pickle.loads``.
+* a Python hook (``sys.addaudithook``), when the extension is absent: same decisions, slower.
+
+Either way the hook cannot be removed once added, which is the point: it backs the patches for
+references bound before tmtguard started (``from _pickle import loads``) and for anything that
+restores an original. When tmtguard is off the table is empty and the hook returns at once.
 """
 from __future__ import annotations
 
@@ -13,8 +22,27 @@ import sys
 from .. import decision
 from ..decision import Violation
 
-_handlers: dict = {}
+try:
+    from .. import _auditfast as _fast
+except ImportError:  # no compiler when the wheel was built: the Python hook below
+    _fast = None
+
+#: the C hook is in use (``tmtguard check`` and the benchmarks report it)
+native = _fast is not None
+
+_handlers: dict = {}  # event -> (allowed, handler): what tmtguard registered (tamper re-checks against it)
 _installed = False
+
+
+def _dispatch(event, args, handler):
+    """The slow path, for both hooks: run the guard's handler; a bug in it fails closed in enforce and
+    never breaks the application in audit."""
+    try:
+        handler(args)
+    except Violation:
+        raise
+    except Exception as exc:
+        _failed(event, args, exc)
 
 
 def _hook(event, args, _get=_handlers.get):
@@ -24,12 +52,7 @@ def _hook(event, args, _get=_handlers.get):
         # an event whose args are in the guard's allow-set (a built-in pickle global) costs no second call
         if allowed is not None and args in allowed:
             return
-        try:
-            handler(args)
-        except Violation:
-            raise
-        except Exception as exc:  # a bug in a guard: fail closed in enforce, never break the app in audit
-            _failed(event, args, exc)
+        _dispatch(event, args, handler)
 
 
 def _failed(event, args, exc) -> None:
@@ -40,15 +63,45 @@ def _failed(event, args, exc) -> None:
     decision.failed(event, target, exc)
 
 
+def _install() -> None:
+    global _installed
+    if _fast is not None:
+        _fast.install(_dispatch)
+    else:
+        sys.addaudithook(_hook)
+    _installed = True
+
+
 def register(event: str, handler, allowed: frozenset | None = None) -> None:
     """Call ``handler(args)`` for ``event``; when ``allowed`` is given (hashable args only), args in it
     are let through by the hook itself."""
-    global _installed
     if not _installed:
-        sys.addaudithook(_hook)
-        _installed = True
-    _handlers[event] = (allowed, handler)
+        _install()
+    entry = (allowed, handler)
+    _handlers[event] = entry
+    if _fast is not None:
+        _fast.register(event, handler, allowed)
 
 
 def unregister(event: str) -> None:
     _handlers.pop(event, None)
+    if _fast is not None:
+        _fast.unregister(event)
+
+
+def current(event: str):
+    """(allowed, handler) the hook uses for ``event`` right now, or None."""
+    if _fast is not None:
+        return _fast.lookup(event)
+    return _handlers.get(event)
+
+
+def restore(event: str, entry) -> bool:
+    """Put ``entry`` back for ``event`` if the hook's table says otherwise; True if it had to."""
+    now = current(event)
+    if now is not None and now[0] is entry[0] and now[1] is entry[1]:
+        return False
+    _handlers[event] = entry
+    if _fast is not None:
+        _fast.register(event, entry[1], entry[0])
+    return True

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import sys
 from importlib.machinery import all_suffixes
 
@@ -126,7 +127,7 @@ def _check(path, write: bool, operation: str) -> None:
 def _decide(path: str, write: bool, operation: str, chain, f) -> None:
     given = os.path.abspath(path)
     real = os.path.realpath(given)
-    secret = _secret(given) or _secret(real)
+    secret = _secret(given) or (_secret(real) if real != given else None)
     if _policy.file_allowed(given, chain) is not None or (real != given and _policy.file_allowed(real, chain) is not None):
         return
     if secret is None:
@@ -164,18 +165,40 @@ def _expand(pattern: str) -> str | None:
     return os.path.expanduser(pattern) if pattern.startswith("~") else pattern
 
 
-def _secret(path: str) -> str | None:
-    for pattern, what in SECRETS:
-        p = _expand(pattern)
-        if p is None:
-            continue
-        if p.endswith("/*"):
-            folder = p[:-2]
-            if "*" not in folder:
-                if path == folder or path.startswith(folder + os.sep):
-                    return what
+# SECRETS with ~ and $VARS expanded, rebuilt only when one of the variables they name changes (the
+# file guard runs on every open a guarded load or model code makes).
+_SECRET_ENV = ("HOME",) + tuple(sorted({p[1:].partition("/")[0] for p, _ in SECRETS if p.startswith("$")}))
+_compiled: list = [None, ()]  # [environment key, ((kind, value, what), ...)]
+
+
+def _secret_patterns() -> tuple:
+    get = os.environ.get
+    key = tuple(get(name) for name in _SECRET_ENV)
+    if key != _compiled[0]:
+        out = []
+        for pattern, what in SECRETS:
+            p = _expand(pattern)
+            if p is None:
                 continue
-        if fnmatch.fnmatchcase(path, p):
+            if p.endswith("/*") and "*" not in p[:-2]:
+                out.append(("folder", (p[:-2], p[:-2] + os.sep), what))
+            elif any(c in p for c in "*?["):
+                out.append(("glob", re.compile(fnmatch.translate(p)).match, what))
+            else:
+                out.append(("exact", p, what))
+        _compiled[:] = [key, tuple(out)]
+    return _compiled[1]
+
+
+def _secret(path: str) -> str | None:
+    for kind, value, what in _secret_patterns():
+        if kind == "folder":
+            if path == value[0] or path.startswith(value[1]):
+                return what
+        elif kind == "glob":
+            if value(path):
+                return what
+        elif path == value:
             return what
     return None
 

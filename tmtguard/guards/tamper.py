@@ -328,9 +328,8 @@ def verify() -> None:
                 if current is not value:
                     _force_set(owner, attr, value)
                     found.append(f"{getattr(owner, '__name__', owner)}.{attr}")
-            for event, handler in _handlers.items():
-                if _audit._handlers.get(event) is not handler:
-                    _audit._handlers[event] = handler
+            for event, entry in _handlers.items():
+                if _audit.restore(event, entry):
                     found.append(f"audit handler {event}")
             f = _finder()
             meta_path = sys.meta_path

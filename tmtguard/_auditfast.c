@@ -1,0 +1,233 @@
+/* tmtguard._auditfast: the audit hook's fast path in C (optional; tmtguard/guards/_audit.py falls
+ * back to a Python hook when this module was not built).
+ *
+ * Why: a Python audit hook costs CPython ~2,500 instructions per event before the hook's first line
+ * runs (the event name turned into a str, an iterator over the hook list, a __cantrace__ attribute
+ * lookup, a Python frame). A small pickle names a few globals, each one a pickle.find_class event, so
+ * that machinery alone was a third of a guarded pickle.loads. A runtime hook added with
+ * PySys_AddAuditHook is a plain C call: events no guard registered cost a string compare or two, and
+ * an event whose arguments are in its guard's allow-set (a built-in pickle global) is settled here by
+ * one set lookup. Everything else goes to the same Python dispatcher as before.
+ *
+ * Like a Python hook, it cannot be removed once added. The table holds strong references and never
+ * shrinks (unregister clears an entry's handler), so a handler running with the GIL released cannot
+ * see its entry freed under it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#define MAX_EVENTS 128
+
+typedef struct {
+    char *name;          /* the event name, owned */
+    PyObject *pyname;    /* the same as a str, passed to the dispatcher */
+    PyObject *allowed;   /* a frozenset of argument tuples the hook lets through itself, or NULL */
+    PyObject *handler;   /* the guard's handler, or NULL when unregistered */
+} entry_t;
+
+static entry_t table[MAX_EVENTS];
+static int n_entries = 0;
+static int n_active = 0;
+static PyObject *dispatcher = NULL;   /* dispatcher(event, args, handler) */
+static PyInterpreterState *main_interp = NULL;
+static int hook_added = 0;
+
+static int
+hook(const char *event, PyObject *args, void *userData)
+{
+    (void)userData;
+    if (n_active == 0) {
+        return 0;
+    }
+    entry_t *e = NULL;
+    for (int i = 0; i < n_entries; i++) {
+        const char *name = table[i].name;
+        if (name[0] == event[0] && strcmp(name, event) == 0) {
+            e = &table[i];
+            break;
+        }
+    }
+    if (e == NULL || e->handler == NULL) {
+        return 0;
+    }
+    /* tmtguard's objects belong to the main interpreter; a Python hook is per interpreter and never
+     * ran in others either. */
+    if (PyInterpreterState_Get() != main_interp) {
+        return 0;
+    }
+    if (e->allowed != NULL && args != NULL) {
+        int found = PySet_Contains(e->allowed, args);
+        if (found == 1) {
+            return 0;
+        }
+        if (found < 0) {
+            PyErr_Clear();  /* unhashable arguments: the handler decides */
+        }
+    }
+    if (dispatcher == NULL) {
+        return 0;
+    }
+    PyObject *handler = e->handler;
+    PyObject *dispatch = dispatcher;
+    PyObject *pyname = e->pyname;
+    Py_INCREF(handler);
+    Py_INCREF(dispatch);
+    Py_INCREF(pyname);
+    PyObject *result = PyObject_CallFunctionObjArgs(
+        dispatch, pyname, args != NULL ? args : Py_None, handler, NULL);
+    Py_DECREF(pyname);
+    Py_DECREF(dispatch);
+    Py_DECREF(handler);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+static PyObject *
+fast_install(PyObject *module, PyObject *dispatch)
+{
+    if (!PyCallable_Check(dispatch)) {
+        PyErr_SetString(PyExc_TypeError, "dispatcher must be callable");
+        return NULL;
+    }
+    Py_INCREF(dispatch);
+    Py_XSETREF(dispatcher, dispatch);
+    if (!hook_added) {
+        main_interp = PyInterpreterState_Get();
+        if (PySys_AddAuditHook(hook, NULL) < 0) {
+            return NULL;
+        }
+        hook_added = 1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "register(event, handler, allowed)");
+        return NULL;
+    }
+    PyObject *pyname = args[0], *handler = args[1], *allowed = args[2];
+    if (!PyUnicode_Check(pyname)) {
+        PyErr_SetString(PyExc_TypeError, "event must be a str");
+        return NULL;
+    }
+    if (allowed == Py_None) {
+        allowed = NULL;
+    }
+    else if (!PyFrozenSet_Check(allowed)) {
+        PyErr_SetString(PyExc_TypeError, "allowed must be a frozenset or None");
+        return NULL;
+    }
+    const char *name = PyUnicode_AsUTF8(pyname);
+    if (name == NULL) {
+        return NULL;
+    }
+    if (name[0] == '\0') {
+        PyErr_SetString(PyExc_ValueError, "empty event name");
+        return NULL;
+    }
+    entry_t *e = NULL;
+    for (int i = 0; i < n_entries; i++) {
+        if (strcmp(table[i].name, name) == 0) {
+            e = &table[i];
+            break;
+        }
+    }
+    if (e == NULL) {
+        if (n_entries >= MAX_EVENTS) {
+            PyErr_SetString(PyExc_OverflowError, "too many audit events registered");
+            return NULL;
+        }
+        size_t len = strlen(name);
+        char *copy = PyMem_RawMalloc(len + 1);
+        if (copy == NULL) {
+            return PyErr_NoMemory();
+        }
+        memcpy(copy, name, len + 1);
+        e = &table[n_entries];
+        e->name = copy;
+        Py_INCREF(pyname);
+        e->pyname = pyname;
+        e->allowed = NULL;
+        e->handler = NULL;
+        n_entries++;
+    }
+    if (e->handler == NULL) {
+        n_active++;
+    }
+    Py_XINCREF(allowed);
+    Py_INCREF(handler);
+    /* Old references go only after the new ones are in place: a hook running on another thread
+     * sees either the old pair or the new one. */
+    PyObject *old_allowed = e->allowed, *old_handler = e->handler;
+    e->allowed = allowed;
+    e->handler = handler;
+    Py_XDECREF(old_allowed);
+    Py_XDECREF(old_handler);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+fast_unregister(PyObject *module, PyObject *pyname)
+{
+    const char *name = PyUnicode_AsUTF8(pyname);
+    if (name == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < n_entries; i++) {
+        entry_t *e = &table[i];
+        if (strcmp(e->name, name) == 0 && e->handler != NULL) {
+            PyObject *old_allowed = e->allowed, *old_handler = e->handler;
+            e->handler = NULL;
+            e->allowed = NULL;
+            n_active--;
+            Py_XDECREF(old_allowed);
+            Py_XDECREF(old_handler);
+            break;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+fast_lookup(PyObject *module, PyObject *pyname)
+{
+    const char *name = PyUnicode_AsUTF8(pyname);
+    if (name == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < n_entries; i++) {
+        entry_t *e = &table[i];
+        if (strcmp(e->name, name) == 0 && e->handler != NULL) {
+            return Py_BuildValue("(OO)", e->allowed != NULL ? e->allowed : Py_None, e->handler);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"install", (PyCFunction)fast_install, METH_O,
+     "install(dispatcher): add the C audit hook (once; it cannot be removed) and set the dispatcher."},
+    {"register", (PyCFunction)(void (*)(void))fast_register, METH_FASTCALL,
+     "register(event, handler, allowed): route event to dispatcher(event, args, handler) unless args is in allowed."},
+    {"unregister", (PyCFunction)fast_unregister, METH_O, "unregister(event)"},
+    {"lookup", (PyCFunction)fast_lookup, METH_O, "lookup(event) -> (allowed, handler) or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "tmtguard._auditfast",
+    "tmtguard's audit hook fast path in C.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__auditfast(void)
+{
+    return PyModule_Create(&moduledef);
+}
