@@ -21,7 +21,8 @@ SOURCE = os.path.join("tmtguard", "_auditfast.c")
 
 
 def compile_extension(root: str, out_dir: str) -> str | None:
-    """Build the extension into out_dir; its path, or None (with the reason on stderr)."""
+    """Build the extension into out_dir (the object file into a temporary folder); its path, or None
+    (with the reason on stderr)."""
     cc = sysconfig.get_config_var("CC")
     ldshared = sysconfig.get_config_var("LDSHARED")
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
@@ -35,19 +36,23 @@ def compile_extension(root: str, out_dir: str) -> str | None:
               file=sys.stderr)
         return None
     source = os.path.join(root, SOURCE)
-    obj = os.path.join(out_dir, "_auditfast.o")
+    obj_dir = tempfile.mkdtemp(prefix="tmtguard-obj-")
+    obj = os.path.join(obj_dir, "_auditfast.o")
     target = os.path.join(out_dir, "_auditfast" + suffix)
     ccshared = sysconfig.get_config_var("CCSHARED") or "-fPIC"
     steps = (
         shlex.split(cc) + shlex.split(ccshared) + ["-O2", "-I", include, "-c", source, "-o", obj],
         shlex.split(ldshared) + [obj, "-o", target],
     )
-    for cmd in steps:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"tmtguard: building the C audit hook failed ({' '.join(cmd)}):\n{proc.stderr}"
-                  "building without it", file=sys.stderr)
-            return None
+    try:
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"tmtguard: building the C audit hook failed ({' '.join(cmd)}):\n{proc.stderr}"
+                      "building without it", file=sys.stderr)
+                return None
+    finally:
+        shutil.rmtree(obj_dir, ignore_errors=True)
     return target
 
 
