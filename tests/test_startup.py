@@ -166,9 +166,20 @@ for fn in (pickle.loads, early_loads):
         fn(data); print("LOADED")
     except tmtguard.PickleViolation:
         print("REFUSED")
+# tampering that got past the checks is put back before the next decision, with either hook
+from tmtguard.guards import tamper, _audit
+guarded = pickle.loads
+vars(pickle)["loads"] = sys.modules["tmtguard._unpatched"].pickle_loads
+_audit.unregister("pickle.find_class")
+tamper.verify()
+print(pickle.loads is guarded, _audit.current("pickle.find_class") is not None)
+try:
+    early_loads(data); print("LOADED")
+except tmtguard.PickleViolation:
+    print("REFUSED")
 """
     out = run_python(code, cwd=tmp_path)
-    assert out.stdout.split() == [hook, "True", "REFUSED", "REFUSED"], out.stderr
+    assert out.stdout.split() == [hook, "True", "REFUSED", "REFUSED", "True", "True", "REFUSED"], out.stderr
     assert not marker.exists()
 
 

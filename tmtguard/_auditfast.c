@@ -1,5 +1,6 @@
-/* tmtguard._auditfast: the audit hook's fast path in C (optional; tmtguard/guards/_audit.py falls
- * back to a Python hook when this module was not built).
+/* tmtguard._auditfast: the audit hook's fast path in C, and two helpers of the guards' slow paths
+ * (optional; tmtguard/guards/_audit.py falls back to a Python hook, and the helpers to Python, when
+ * this module was not built).
  *
  * Why: a Python audit hook costs CPython ~2,500 instructions per event before the hook's first line
  * runs (the event name turned into a str, an iterator over the hook list, a __cantrace__ attribute
@@ -16,6 +17,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+#include <stdlib.h>
+#include <limits.h>
+
+#define UNUSED(x) (void)(x)
 
 #define MAX_EVENTS 128
 
@@ -32,6 +37,7 @@ static int n_active = 0;
 static PyObject *dispatcher = NULL;   /* dispatcher(event, args, handler) */
 static PyInterpreterState *main_interp = NULL;
 static int hook_added = 0;
+static unsigned long long generation = 0;  /* bumped by every change to the table */
 
 static int
 hook(const char *event, PyObject *args, void *userData)
@@ -89,6 +95,7 @@ hook(const char *event, PyObject *args, void *userData)
 static PyObject *
 fast_install(PyObject *module, PyObject *dispatch)
 {
+    UNUSED(module);
     if (!PyCallable_Check(dispatch)) {
         PyErr_SetString(PyExc_TypeError, "dispatcher must be callable");
         return NULL;
@@ -108,6 +115,7 @@ fast_install(PyObject *module, PyObject *dispatch)
 static PyObject *
 fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    UNUSED(module);
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "register(event, handler, allowed)");
         return NULL;
@@ -161,6 +169,7 @@ fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (e->handler == NULL) {
         n_active++;
     }
+    generation++;
     Py_XINCREF(allowed);
     Py_INCREF(handler);
     /* Old references go only after the new ones are in place: a hook running on another thread
@@ -176,6 +185,7 @@ fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 fast_unregister(PyObject *module, PyObject *pyname)
 {
+    UNUSED(module);
     const char *name = PyUnicode_AsUTF8(pyname);
     if (name == NULL) {
         return NULL;
@@ -187,6 +197,7 @@ fast_unregister(PyObject *module, PyObject *pyname)
             e->handler = NULL;
             e->allowed = NULL;
             n_active--;
+            generation++;
             Py_XDECREF(old_allowed);
             Py_XDECREF(old_handler);
             break;
@@ -198,6 +209,7 @@ fast_unregister(PyObject *module, PyObject *pyname)
 static PyObject *
 fast_lookup(PyObject *module, PyObject *pyname)
 {
+    UNUSED(module);
     const char *name = PyUnicode_AsUTF8(pyname);
     if (name == NULL) {
         return NULL;
@@ -211,6 +223,91 @@ fast_lookup(PyObject *module, PyObject *pyname)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+fast_generation(PyObject *module, PyObject *unused)
+{
+    UNUSED(module);
+    UNUSED(unused);
+    return PyLong_FromUnsignedLongLong(generation);
+}
+
+/* identical(entries, pairs) -> -1 when every entries[i] = (owner, attr, value) has
+ * owner.__dict__[attr] is value and every pairs[j] = (obj, cls) has type(obj) is cls; else the index
+ * of the first entry (or len(entries) + j for a pair) that does not, or that C cannot read (an owner
+ * that is neither a module nor a class): the caller looks closer. The tamper guard runs this before
+ * every decision of the import, process, code, native and file guards. */
+static PyObject *
+fast_identical(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    UNUSED(module);
+    if (nargs != 2 || !PyList_Check(args[0]) || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "identical(list, list)");
+        return NULL;
+    }
+    PyObject *entries = args[0], *pairs = args[1];
+    Py_ssize_t n = PyList_GET_SIZE(entries);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(entries, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3) {
+            return PyLong_FromSsize_t(i);
+        }
+        PyObject *owner = PyTuple_GET_ITEM(t, 0);
+        PyObject *dict;
+        if (PyType_Check(owner)) {
+            dict = ((PyTypeObject *)owner)->tp_dict;
+        }
+        else if (PyModule_Check(owner)) {
+            dict = PyModule_GetDict(owner);
+        }
+        else {
+            return PyLong_FromSsize_t(i);
+        }
+        if (dict == NULL || !PyDict_Check(dict)) {
+            return PyLong_FromSsize_t(i);
+        }
+        PyObject *current = PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(t, 1));  /* borrowed */
+        if (current == NULL && PyErr_Occurred()) {
+            PyErr_Clear();
+        }
+        if (current != PyTuple_GET_ITEM(t, 2)) {
+            return PyLong_FromSsize_t(i);
+        }
+    }
+    Py_ssize_t m = PyList_GET_SIZE(pairs);
+    for (Py_ssize_t j = 0; j < m; j++) {
+        PyObject *t = PyList_GET_ITEM(pairs, j);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2
+                || (PyObject *)Py_TYPE(PyTuple_GET_ITEM(t, 0)) != PyTuple_GET_ITEM(t, 1)) {
+            return PyLong_FromSsize_t(n + j);
+        }
+    }
+    return PyLong_FromLong(-1);
+}
+
+/* realpath(path) -> the C library's realpath(3) of an existing path, or None (a component does not
+ * exist, or another error): the file guard then falls back to os.path.realpath, which also resolves
+ * paths that do not exist yet. Same result for existing paths, without a Python-level lstat per
+ * component. */
+static PyObject *
+fast_realpath(PyObject *module, PyObject *arg)
+{
+    UNUSED(module);
+    PyObject *bytes = NULL;
+    if (!PyUnicode_FSConverter(arg, &bytes)) {
+        return NULL;
+    }
+    char buf[PATH_MAX];
+    char *resolved;
+    Py_BEGIN_ALLOW_THREADS
+    resolved = realpath(PyBytes_AS_STRING(bytes), buf);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(bytes);
+    if (resolved == NULL) {
+        Py_RETURN_NONE;
+    }
+    return PyUnicode_DecodeFSDefault(buf);
+}
+
 static PyMethodDef methods[] = {
     {"install", (PyCFunction)fast_install, METH_O,
      "install(dispatcher): add the C audit hook (once; it cannot be removed) and set the dispatcher."},
@@ -218,12 +315,18 @@ static PyMethodDef methods[] = {
      "register(event, handler, allowed): route event to dispatcher(event, args, handler) unless args is in allowed."},
     {"unregister", (PyCFunction)fast_unregister, METH_O, "unregister(event)"},
     {"lookup", (PyCFunction)fast_lookup, METH_O, "lookup(event) -> (allowed, handler) or None"},
+    {"identical", (PyCFunction)(void (*)(void))fast_identical, METH_FASTCALL,
+     "identical(entries, pairs) -> -1, or the index of the first (owner, attr, value) or (obj, cls) that differs"},
+    {"realpath", (PyCFunction)fast_realpath, METH_O,
+     "realpath(path) -> realpath(3) of an existing path, or None"},
+    {"generation", (PyCFunction)fast_generation, METH_NOARGS,
+     "generation() -> a number every register/unregister changes (the tamper guard's quick check)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "tmtguard._auditfast",
-    "tmtguard's audit hook fast path in C.", -1, methods,
+    "tmtguard's audit hook fast path in C.", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC

@@ -148,9 +148,28 @@ def _same_repo(rule_repo: str, code: CodeFile) -> bool:
     return os.path.realpath(os.path.expanduser(rule_repo)) == code.repo
 
 
+_by_repo: dict = {}  # id(rules) -> (rules, len(rules), {repo: [rules naming it, in order]})
+
+
+def _named(rules, code: CodeFile) -> list:
+    """The rules naming ``code``'s repo: a dict lookup for hub repos (a deployment may pin hundreds),
+    a scan for local folders (matched on their real path)."""
+    if code.local:
+        return [r for r in rules if _same_repo(r.repo, code)]
+    entry = _by_repo.get(id(rules))
+    if entry is None or entry[0] is not rules or entry[1] != len(rules):
+        index: dict = {}
+        for r in rules:
+            index.setdefault(r.repo, []).append(r)
+        if len(_by_repo) > 16:
+            _by_repo.clear()
+        entry = _by_repo[id(rules)] = (rules, len(rules), index)
+    return entry[2].get(code.repo, [])
+
+
 def match(rules, code: CodeFile, digest: str | None):
     """(Source, "") of the rule permitting ``code`` with ``digest``, else (None, why not)."""
-    named = [r for r in rules if _same_repo(r.repo, code)]
+    named = _named(rules, code)
     if not named:
         return None, f"no remote_code.allow entry names {code.repo}"
     at = [r for r in named if code.revision and r.revision == code.revision]

@@ -96,6 +96,25 @@ def current(event: str):
     return _handlers.get(event)
 
 
+def snapshot():
+    """Something :func:`intact` compares against to tell, cheaply, that no handler changed since."""
+    if _fast is not None:
+        return _fast.generation()
+    return dict(_handlers)
+
+
+def intact(snap) -> bool:
+    if _fast is not None:
+        return _fast.generation() == snap
+    if len(_handlers) != len(snap):
+        return False
+    get = _handlers.get
+    for event, entry in snap.items():
+        if get(event) is not entry:
+            return False
+    return True
+
+
 def restore(event: str, entry) -> bool:
     """Put ``entry`` back for ``event`` if the hook's table says otherwise; True if it had to."""
     now = current(event)

@@ -40,18 +40,26 @@ def configure() -> None:
     wide.on = bool(getattr(decision.state, "process_wide", False))
 
 
-def checked_chain(applies_wide: bool = True):
+def checked_chain(applies_wide: bool = True, verify: bool = True):
     """The chain an action is checked against: () for application code under the process-wide
-    rules, None when it is not checked. Call after the inline fast-path test."""
+    rules, None when it is not checked. Call after the inline fast-path test. With ``verify=False``
+    the caller runs :func:`tamper_check` itself, after its own cheap early returns and before it
+    decides."""
     if _lazy.internal:
         return None
     chain = provenance.acting_chain()
     if chain is None:
         return () if applies_wide and wide.on else None
+    if verify:
+        tamper_check()
+    return chain
+
+
+def tamper_check() -> None:
+    """Undo tampering that got past the checks before a decision (tamper.verify)."""
     from . import tamper
 
     tamper.verify()
-    return chain
 
 
 def frame(depth: int):

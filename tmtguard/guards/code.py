@@ -103,12 +103,13 @@ def _check(via: str, filename, source, name=None) -> None:
     if not _on or _lazy.internal:
         return
     # sys._getframe: 0 _check, 1 the event handler, 2 the audit hook, 3 the caller of compile()...
-    chain = _scope.checked_chain()
+    chain = _scope.checked_chain(verify=False)
     if chain is None:
         return
     f = _scope.frame(3)
     if f is None or _executing_module(f):
         return  # no Python frame: the interpreter compiling the main program or a traceback line
+    _scope.tamper_check()
     try:
         generator = _generator(f)
         if _policy.code_allowed(generator, chain) is not None:

@@ -106,7 +106,7 @@ def _changes(operation: str, *positions):
 def _check(path, write: bool, operation: str) -> None:
     if not _on or _lazy.internal:
         return
-    chain = _scope.checked_chain(applies_wide=False)
+    chain = _scope.checked_chain(applies_wide=False, verify=False)
     if chain is None:
         return  # application code while model code exists in the process: one stack walk
     try:
@@ -116,6 +116,7 @@ def _check(path, write: bool, operation: str) -> None:
     f = _scope.frame(3)
     if _scope.in_import_machinery(f) and path.endswith(_IMPORT_SUFFIXES):
         return
+    _scope.tamper_check()
     try:
         _decide(path, write, operation, chain, f)
     except decision.Violation:
@@ -124,9 +125,22 @@ def _check(path, write: bool, operation: str) -> None:
         decision.failed("file.open", path, exc, violation=FileViolation)
 
 
+_c_realpath = getattr(_audit._fast, "realpath", None)
+
+
+def _realpath(path: str) -> str:
+    """os.path.realpath, through the C library where tmtguard's extension is built (an existing path:
+    one call instead of a Python-level lstat per component)."""
+    if _c_realpath is not None:
+        real = _c_realpath(path)
+        if real is not None:
+            return real
+    return os.path.realpath(path)
+
+
 def _decide(path: str, write: bool, operation: str, chain, f) -> None:
     given = os.path.abspath(path)
-    real = os.path.realpath(given)
+    real = _realpath(given)
     secret = _secret(given) or (_secret(real) if real != given else None)
     if _policy.file_allowed(given, chain) is not None or (real != given and _policy.file_allowed(real, chain) is not None):
         return
@@ -264,7 +278,17 @@ def hf_caches() -> list:
     dynamic = sys.modules.get("transformers.dynamic_module_utils")
     if dynamic is not None:
         found.add(getattr(dynamic, "HF_MODULES_CACHE", None))
-    return [os.path.realpath(str(p)).rstrip(os.sep) + os.sep for p in found if p]
+    key = frozenset(str(p) for p in found if p)
+    cached = _hf_cache_memo.get(key)
+    if cached is None:  # realpath of each folder: once per set of settings, not per open
+        cached = [os.path.realpath(p).rstrip(os.sep) + os.sep for p in key]
+        if len(_hf_cache_memo) > 64:
+            _hf_cache_memo.clear()
+        _hf_cache_memo[key] = cached
+    return cached
+
+
+_hf_cache_memo: dict = {}
 
 
 def torch_hub_caches() -> list:

@@ -52,6 +52,7 @@ RELOAD_PROTECTED = frozenset(WATCHED) | {"sys", "pickle", "copyreg", "builtins",
 _snapshot: list = []  # (owner, attribute, value) as sealed
 _guards: list = []  # the guard modules, as sealed
 _handlers: dict = {}  # audit handlers as sealed
+_handlers_snapshot: list = [None]  # _audit.snapshot() when they were last known intact
 _guarded_modules: list = []  # modules whose class we set
 _module_class: dict = {}  # module -> the GuardedModule (sub)class it was given
 
@@ -302,60 +303,94 @@ def _populated(module) -> bool:
 
 
 def _expected() -> list:
-    """(owner, attribute, value) tmtguard keeps in place right now."""
+    """(owner, attribute, value) tmtguard keeps in place right now. Rebuilt only when a guard's patch
+    list changes size (a guard patches a library imported later) or the pickle guard turns on or off."""
+    pickle_guard = sys.modules.get("tmtguard.guards.pickle")
+    key = (pickle_guard is not None and pickle_guard._on, tuple(map(len, _patch_lists)))
+    if _expected_cache[0] == key:
+        return _expected_cache[1]
     out = list(_snapshot)
-    for guard in _guards:
-        for entry in getattr(guard, "_patched", None) or ():
+    for patched in _patch_lists:
+        for entry in patched:
             if len(entry) == 4:
                 owner, attr, _original, replacement = entry
                 out.append((owner, attr, replacement))
-    pickle_guard = sys.modules.get("tmtguard.guards.pickle")
-    if pickle_guard is not None and pickle_guard._on:
+    if key[0]:
         out.extend(pickle_guard._PATCHES)
+    _expected_cache[:] = [key, out]
     return out
 
 
+_identical = getattr(_audit._fast, "identical", None)
+_imports = None  # tmtguard.guards.imports, as sealed
+
+_expected_cache: list = [None, ()]
+_patch_lists: list = []  # each guard's _patched list, as sealed
+_module_pairs: list = []  # (module, the class it must keep), as sealed
+
+
 def verify() -> None:
-    """Called on the slow path of the guards: undo tampering that got past the checks, report it."""
+    """Called before each decision of the import, process, code, native and file guards: undo
+    tampering that got past the checks, report it. Runs on every such decision, so the all-intact
+    case is a handful of identity tests per patch and nothing else."""
     if not _on or getattr(_tls, "busy", False):
         return
     _tls.busy = True
     try:
         found = []
-        with provenance.internal():
-            for owner, attr, value in _expected():
-                current = vars(owner).get(attr)  # the dict itself: a pinned attribute hides it
-                if current is not value:
-                    _force_set(owner, attr, value)
-                    found.append(f"{getattr(owner, '__name__', owner)}.{attr}")
+        expected = _expected()
+        # the dicts themselves (a pinned attribute hides them), compared by identity; in C when built
+        if _identical is None or _identical(expected, _module_pairs) != -1:
+            for owner, attr, value in expected:
+                if vars(owner).get(attr) is not value:
+                    found.append((owner, attr, value))
+            classes_ok = all(type(module) is cls for module, cls in _module_pairs)
+        else:
+            classes_ok = True
+        handlers_ok = _audit.intact(_handlers_snapshot[0])
+        meta_path = sys.meta_path
+        f = _imports.finder if _imports is not None else _finder()
+        meta_ok = bool(meta_path) and meta_path[0] is f
+        settings = _active_settings()
+        mode_ok = settings is None or decision.state.mode == settings.mode
+        if found or not (handlers_ok and meta_ok and classes_ok and mode_ok):
+            _repair(found, handlers_ok, meta_ok, classes_ok, mode_ok, settings)
+    finally:
+        _tls.busy = False
+
+
+def _repair(patches, handlers_ok, meta_ok, classes_ok, mode_ok, settings) -> None:
+    found = []
+    with provenance.internal():
+        for owner, attr, value in patches:
+            _force_set(owner, attr, value)
+            found.append(f"{getattr(owner, '__name__', owner)}.{attr}")
+        if not handlers_ok:
             for event, entry in _handlers.items():
                 if _audit.restore(event, entry):
                     found.append(f"audit handler {event}")
+            _handlers_snapshot[0] = _audit.snapshot()
+        if not meta_ok:
             f = _finder()
-            meta_path = sys.meta_path
-            if not meta_path or meta_path[0] is not f:
-                if not any(x is f for x in meta_path):
-                    found.append("sys.meta_path")
-                from . import imports
+            if not any(x is f for x in sys.meta_path):
+                found.append("sys.meta_path")
+            from . import imports
 
-                imports.restore_finder()
-            for module in _guarded_modules:
-                cls = _module_class.get(module, GuardedModule)
+            imports.restore_finder()
+        if not classes_ok:
+            for module, cls in _module_pairs:
                 if type(module) is not cls:
                     object.__setattr__(module, "__class__", cls)
                     found.append(f"{module.__name__}.__class__")
-            settings = _active_settings()
-            if settings is not None and decision.state.mode != settings.mode:
-                object.__setattr__(decision.state, "mode", settings.mode)
-                found.append("tmtguard mode")
-        if found:
-            try:
-                refuse(", ".join(found), "had undone tmtguard's guards (" + ", ".join(found) +
-                       "); tmtguard put them back")
-            except TamperViolation:
-                pass  # reported; the action being decided is decided on its own
-    finally:
-        _tls.busy = False
+        if not mode_ok:
+            object.__setattr__(decision.state, "mode", settings.mode)
+            found.append("tmtguard mode")
+    if found:
+        try:
+            refuse(", ".join(found), "had undone tmtguard's guards (" + ", ".join(found) +
+                   "); tmtguard put them back")
+        except TamperViolation:
+            pass  # reported; the action being decided is decided on its own
 
 
 def _active_settings():
@@ -435,9 +470,15 @@ def _seal() -> None:
                 _snapshot.append((cls, attr, value))
     _handlers.clear()
     _handlers.update(_audit._handlers)
+    _handlers_snapshot[0] = _audit.snapshot()
+    _expected_cache[:] = [None, ()]
     from . import modules
 
     _guards[:] = [g for g in modules() if g.__name__ != __name__]
+    _patch_lists[:] = [p for p in (getattr(g, "_patched", None) for g in _guards) if isinstance(p, list)]
+    _module_pairs[:] = [(m, _module_class.get(m, GuardedModule)) for m in _guarded_modules]
+    global _imports
+    from . import imports as _imports
 
 
 def _watched_classes() -> list:
@@ -468,3 +509,7 @@ def uninstall() -> None:
         types.ModuleType.__setattr__(sys, "meta_path", list(sys.meta_path))
     _snapshot.clear()
     _handlers.clear()
+    _handlers_snapshot[0] = None
+    _expected_cache[:] = [None, ()]
+    _patch_lists.clear()
+    _module_pairs.clear()
