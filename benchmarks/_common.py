@@ -92,10 +92,13 @@ def child_env(cfg: Config) -> dict[str, str]:
     else:
         for k in [k for k in env if k.startswith("TMTGUARD_")]:
             del env[k]
-    # The repo root first, so `import tmtguard` finds the working-tree package even when it is not
-    # pip-installed, and `-m benchmarks._worker` works from any cwd.
-    pp = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
+    # The installed tmtguard is what users run (its bytecode compiled at install, its C audit hook
+    # built): the repo root goes on PYTHONPATH only when tmtguard is not installed. Children run with
+    # cwd=REPO_ROOT, and `-m`/`-c` put the cwd on sys.path only after the start-up hook has imported
+    # the installed package, so `benchmarks` is found either way.
+    if not dist_version("tmtguard"):
+        pp = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + pp if pp else "")
     # Hub access is never wanted: every fixture is local.
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -188,6 +191,31 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _tmtguard_install() -> str:
+    """Version, how it is installed (the start-up row pays for compiling tmtguard's modules when it runs
+    from a source tree without bytecode), and which audit hook it will use."""
+    import importlib.util
+    import json
+
+    version = dist_version("tmtguard")
+    if not version:
+        return "working tree (not pip-installed)" if (REPO_ROOT / "tmtguard").is_dir() else "absent"
+    how = "pip-installed"
+    try:
+        from importlib.metadata import distribution
+
+        direct = json.loads(distribution("tmtguard").read_text("direct_url.json") or "{}")
+        if direct.get("dir_info", {}).get("editable"):
+            how = "editable install (source tree: run `pip install .` for numbers users see)"
+    except Exception:
+        pass
+    try:
+        native = importlib.util.find_spec("tmtguard._auditfast") is not None
+    except Exception:
+        native = False
+    return f"{version}, {how}, audit hook {'C' if native else 'Python'}"
+
+
 def machine_info() -> dict[str, str]:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -202,8 +230,7 @@ def machine_info() -> dict[str, str]:
         "torch": dist_version("torch") or "not installed",
         "transformers": dist_version("transformers") or "not installed",
         "numpy": dist_version("numpy") or "not installed",
-        "tmtguard": dist_version("tmtguard")
-        or ("working tree (not pip-installed)" if (REPO_ROOT / "tmtguard").is_dir() else "absent"),
+        "tmtguard": _tmtguard_install(),
         "peers": ", ".join(
             f"{d} {dist_version(d) or 'n/a'}" for d in ("fickling", "picklescan", "modelscan")
         ),

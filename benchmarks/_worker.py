@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-cap", type=float, default=4.0)
     p.add_argument("--params", default="{}")
     p.add_argument("--out", required=True)
+    p.add_argument("--count", action="store_true",
+                   help="for benchmarks/instructions.py: run each repetition inside sys.call_tracing, the "
+                        "one call callgrind collects (--toggle-collect=sys_call_tracing*), and time nothing")
     a = p.parse_args(argv)
 
     result: dict = {
@@ -104,6 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         fn()
         result["warmup_s"] = time.perf_counter() - t0
+
+        if a.count:
+            stage = "counted runs"
+            gc.collect()
+            gc.freeze()
+            for _ in range(a.reps):
+                sys.call_tracing(fn, ())
+            result["reps"] = a.reps
+            result["ok"] = True
+            _write(a.out, result)
+            return 0
 
         stage = "timed runs"
         # Move everything alive now (modules, fixtures, the guard's own state) out of the GC's

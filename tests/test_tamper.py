@@ -41,6 +41,10 @@ TAMPERS = {
     "switch a guard off": 'sys.modules["tmtguard.guards.process"]._on = False',
     "module class": "import types; subprocess.__class__ = types.ModuleType",
     "object.__setattr__ class": "import types; object.__setattr__(subprocess, '__class__', types.ModuleType)",
+    "unregister an audit handler": "sys.modules['tmtguard.guards._audit'].unregister('open')",
+    "unregister in the C hook": "(sys.modules.get('tmtguard._auditfast') or sys.modules['tmtguard.guards._audit']).unregister('open')",
+    "narrow the C hook's scope": "import contextvars; _f = sys.modules['tmtguard.guards._audit']._fast; "
+                                 "(_f.set_scope(contextvars.ContextVar('x'), {}) if _f else sys.modules['tmtguard.guards._audit'].unregister('open'))",
 }
 # Not refused on the spot (sys and pickle keep their plain module class, see tamper.py), but undone and
 # reported before the next decision.
@@ -50,8 +54,6 @@ REPAIRED = {
     "restore pickle.Unpickler": "pickle.Unpickler = _pickle.Unpickler.__mro__[1]",
     "mode through object.__setattr__": "object.__setattr__(sys.modules['tmtguard.decision'].state, 'mode', 'off')",
     "restore Thread.start": "import threading; threading.Thread.start = threading.Thread.start._tmtguard_original",
-    "unregister an audit handler": "sys.modules['tmtguard.guards._audit'].unregister('pickle.find_class')",
-    "unregister in the C hook": "(sys.modules.get('tmtguard._auditfast') or sys.modules['tmtguard.guards._audit']).unregister('pickle.find_class')",
 }
 IMPORTS = "import subprocess\nimport pickle\nimport _pickle\nimport socket\nimport _posixsubprocess\n"
 

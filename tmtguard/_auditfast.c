@@ -29,15 +29,56 @@ typedef struct {
     PyObject *pyname;    /* the same as a str, passed to the dispatcher */
     PyObject *allowed;   /* a frozenset of argument tuples the hook lets through itself, or NULL */
     PyObject *handler;   /* the guard's handler, or NULL when unregistered */
+    int scope;           /* SCOPE_*: when the handler can act at all (a pre-filter of its own test) */
 } entry_t;
+
+/* A handler registered with a scope returns at once unless a guarded load is on the chain (the
+ * ContextVar) or model code exists (a non-empty registry), or, for SCOPE_WIDE / SCOPE_NET_WIDE, the
+ * matching process-wide setting is on: the handlers' own first test, made here without entering
+ * Python, so application code pays nothing for events that only concern models. */
+#define SCOPE_ALWAYS 0
+#define SCOPE_MODEL 1
+#define SCOPE_WIDE 2
+#define SCOPE_NET_WIDE 3
 
 static entry_t table[MAX_EVENTS];
 static int n_entries = 0;
 static int n_active = 0;
 static PyObject *dispatcher = NULL;   /* dispatcher(event, args, handler) */
+static PyObject *gate = NULL;         /* gate(what): raises to refuse a change to this table */
 static PyInterpreterState *main_interp = NULL;
 static int hook_added = 0;
 static unsigned long long generation = 0;  /* bumped by every change to the table */
+static PyObject *chain_var = NULL;    /* provenance._CHAIN (a ContextVar of a tuple) */
+static PyObject *model_code = NULL;   /* provenance._model_code (a dict) */
+static int wide_on = 0;               /* TMTGUARD_PROCESS_WIDE */
+static int net_wide_on = 0;           /* network.process_wide */
+
+/* 1 when the handler must run, 0 when it would return at once, -1 (no error set) when unsure */
+static int
+in_scope(int scope)
+{
+    if (scope == SCOPE_ALWAYS || chain_var == NULL || model_code == NULL) {
+        return 1;
+    }
+    if ((scope == SCOPE_WIDE && wide_on) || (scope == SCOPE_NET_WIDE && net_wide_on)) {
+        return 1;
+    }
+    if (!PyDict_Check(model_code) || PyDict_GET_SIZE(model_code) != 0) {
+        return 1;
+    }
+    PyObject *value = NULL;
+    if (PyContextVar_Get(chain_var, NULL, &value) < 0) {
+        PyErr_Clear();
+        return 1;
+    }
+    if (value == NULL) {
+        return 0;
+    }
+    int on = PyTuple_Check(value) ? PyTuple_GET_SIZE(value) != 0 : 1;
+    Py_DECREF(value);
+    return on;
+}
 
 static int
 hook(const char *event, PyObject *args, void *userData)
@@ -60,6 +101,9 @@ hook(const char *event, PyObject *args, void *userData)
     /* tmtguard's objects belong to the main interpreter; a Python hook is per interpreter and never
      * ran in others either. */
     if (PyInterpreterState_Get() != main_interp) {
+        return 0;
+    }
+    if (e->scope != SCOPE_ALWAYS && in_scope(e->scope) == 0) {
         return 0;
     }
     if (e->allowed != NULL && args != NULL) {
@@ -92,16 +136,47 @@ hook(const char *event, PyObject *args, void *userData)
     return 0;
 }
 
+/* Every change to the table asks the gate first (tmtguard's tamper guard: code inside a guarded load
+ * or model code may not change it). */
+static int
+check_gate(const char *what)
+{
+    if (gate == NULL) {
+        return 0;
+    }
+    PyObject *g = gate;
+    Py_INCREF(g);
+    PyObject *r = PyObject_CallFunction(g, "s", what);
+    Py_DECREF(g);
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
 static PyObject *
-fast_install(PyObject *module, PyObject *dispatch)
+fast_install(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     UNUSED(module);
-    if (!PyCallable_Check(dispatch)) {
-        PyErr_SetString(PyExc_TypeError, "dispatcher must be callable");
+    if (nargs != 2 || !PyCallable_Check(args[0]) || !(args[1] == Py_None || PyCallable_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "install(dispatcher, gate)");
         return NULL;
     }
+    if (check_gate("install") < 0) {
+        return NULL;
+    }
+    PyObject *dispatch = args[0];
     Py_INCREF(dispatch);
     Py_XSETREF(dispatcher, dispatch);
+    if (args[1] == Py_None) {
+        Py_CLEAR(gate);
+    }
+    else {
+        Py_INCREF(args[1]);
+        Py_XSETREF(gate, args[1]);
+    }
+    generation++;
     if (!hook_added) {
         main_interp = PyInterpreterState_Get();
         if (PySys_AddAuditHook(hook, NULL) < 0) {
@@ -116,11 +191,23 @@ static PyObject *
 fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     UNUSED(module);
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "register(event, handler, allowed)");
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "register(event, handler, allowed[, scope])");
         return NULL;
     }
     PyObject *pyname = args[0], *handler = args[1], *allowed = args[2];
+    int scope = SCOPE_ALWAYS;
+    if (nargs == 4) {
+        long v = PyLong_AsLong(args[3]);
+        if (v == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (v < SCOPE_ALWAYS || v > SCOPE_NET_WIDE) {
+            PyErr_SetString(PyExc_ValueError, "unknown scope");
+            return NULL;
+        }
+        scope = (int)v;
+    }
     if (!PyUnicode_Check(pyname)) {
         PyErr_SetString(PyExc_TypeError, "event must be a str");
         return NULL;
@@ -130,6 +217,9 @@ fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     else if (!PyFrozenSet_Check(allowed)) {
         PyErr_SetString(PyExc_TypeError, "allowed must be a frozenset or None");
+        return NULL;
+    }
+    if (check_gate("register") < 0) {
         return NULL;
     }
     const char *name = PyUnicode_AsUTF8(pyname);
@@ -164,6 +254,7 @@ fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         e->pyname = pyname;
         e->allowed = NULL;
         e->handler = NULL;
+        e->scope = SCOPE_ALWAYS;
         n_entries++;
     }
     if (e->handler == NULL) {
@@ -177,6 +268,7 @@ fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *old_allowed = e->allowed, *old_handler = e->handler;
     e->allowed = allowed;
     e->handler = handler;
+    e->scope = scope;
     Py_XDECREF(old_allowed);
     Py_XDECREF(old_handler);
     Py_RETURN_NONE;
@@ -186,6 +278,9 @@ static PyObject *
 fast_unregister(PyObject *module, PyObject *pyname)
 {
     UNUSED(module);
+    if (check_gate("unregister") < 0) {
+        return NULL;
+    }
     const char *name = PyUnicode_AsUTF8(pyname);
     if (name == NULL) {
         return NULL;
@@ -221,6 +316,63 @@ fast_lookup(PyObject *module, PyObject *pyname)
         }
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *
+fast_set_scope(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    UNUSED(module);
+    if (nargs != 2 || !PyContextVar_CheckExact(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "set_scope(contextvar, dict)");
+        return NULL;
+    }
+    if (check_gate("set_scope") < 0) {
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(chain_var, args[0]);
+    Py_XSETREF(model_code, args[1]);
+    generation++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+fast_set_wide(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    UNUSED(module);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_wide(kind, on)");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(args[0]);
+    int on = PyObject_IsTrue(args[1]);
+    if ((kind == -1 && PyErr_Occurred()) || on < 0) {
+        return NULL;
+    }
+    if (check_gate("set_wide") < 0) {
+        return NULL;
+    }
+    if (kind == SCOPE_WIDE) {
+        wide_on = on;
+    }
+    else if (kind == SCOPE_NET_WIDE) {
+        net_wide_on = on;
+    }
+    else {
+        PyErr_SetString(PyExc_ValueError, "kind is SCOPE_WIDE or SCOPE_NET_WIDE");
+        return NULL;
+    }
+    generation++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+fast_wide(PyObject *module, PyObject *unused)
+{
+    UNUSED(module);
+    UNUSED(unused);
+    return Py_BuildValue("(ii)", wide_on, net_wide_on);
 }
 
 static PyObject *
@@ -309,8 +461,8 @@ fast_realpath(PyObject *module, PyObject *arg)
 }
 
 static PyMethodDef methods[] = {
-    {"install", (PyCFunction)fast_install, METH_O,
-     "install(dispatcher): add the C audit hook (once; it cannot be removed) and set the dispatcher."},
+    {"install", (PyCFunction)(void (*)(void))fast_install, METH_FASTCALL,
+     "install(dispatcher, gate): add the C audit hook (once; it cannot be removed), set the dispatcher and the gate."},
     {"register", (PyCFunction)(void (*)(void))fast_register, METH_FASTCALL,
      "register(event, handler, allowed): route event to dispatcher(event, args, handler) unless args is in allowed."},
     {"unregister", (PyCFunction)fast_unregister, METH_O, "unregister(event)"},
@@ -319,6 +471,11 @@ static PyMethodDef methods[] = {
      "identical(entries, pairs) -> -1, or the index of the first (owner, attr, value) or (obj, cls) that differs"},
     {"realpath", (PyCFunction)fast_realpath, METH_O,
      "realpath(path) -> realpath(3) of an existing path, or None"},
+    {"set_scope", (PyCFunction)(void (*)(void))fast_set_scope, METH_FASTCALL,
+     "set_scope(chain_contextvar, model_code_dict): what scoped handlers are filtered on"},
+    {"set_wide", (PyCFunction)(void (*)(void))fast_set_wide, METH_FASTCALL,
+     "set_wide(kind, on): a process-wide setting (2: TMTGUARD_PROCESS_WIDE, 3: network.process_wide)"},
+    {"wide", (PyCFunction)fast_wide, METH_NOARGS, "wide() -> (process_wide, network_process_wide)"},
     {"generation", (PyCFunction)fast_generation, METH_NOARGS,
      "generation() -> a number every register/unregister changes (the tamper guard's quick check)"},
     {NULL, NULL, 0, NULL},

@@ -31,7 +31,15 @@ except ImportError:  # no compiler when the wheel was built: the Python hook bel
 native = _fast is not None
 
 _handlers: dict = {}  # event -> (allowed, handler): what tmtguard registered (tamper re-checks against it)
+_scopes: dict = {}  # event -> scope
 _installed = False
+
+# When a handler can act at all: its own first test, which the C hook makes before entering Python.
+ALWAYS = 0  # every event (the pickle guard: every unpickling is checked)
+MODEL = 1  # only while a guarded load is on the chain or model code exists (files)
+WIDE = 2  # ... or when TMTGUARD_PROCESS_WIDE is on (imports, processes, code, native)
+NET_WIDE = 3  # ... or when network.process_wide is on (network)
+_wide = {WIDE: False, NET_WIDE: False}
 
 
 def _dispatch(event, args, handler):
@@ -63,30 +71,65 @@ def _failed(event, args, exc) -> None:
     decision.failed(event, target, exc)
 
 
+def _gate(what: str) -> None:
+    """Asked by the C table before every change: code inside a guarded load or model code may not
+    unregister a handler or narrow the scopes (a TamperViolation in enforce, recorded in audit)."""
+    tamper = sys.modules.get("tmtguard.guards.tamper")
+    if tamper is not None and tamper._on and tamper.acting() is not None:
+        tamper.refuse(f"tmtguard._auditfast.{what}", "tried to change tmtguard's audit hook table")
+
+
 def _install() -> None:
     global _installed
     if _fast is not None:
-        _fast.install(_dispatch)
+        from .. import provenance
+
+        _fast.install(_dispatch, _gate)
+        _fast.set_scope(provenance._CHAIN, provenance._model_code)
     else:
         sys.addaudithook(_hook)
     _installed = True
 
 
-def register(event: str, handler, allowed: frozenset | None = None) -> None:
+def register(event: str, handler, allowed: frozenset | None = None, scope: int = ALWAYS) -> None:
     """Call ``handler(args)`` for ``event``; when ``allowed`` is given (hashable args only), args in it
-    are let through by the hook itself."""
+    are let through by the hook itself, and with a ``scope`` the C hook skips events the handler's
+    own first test would return from (the Python hook calls the handler, which makes that test)."""
     if not _installed:
         _install()
     entry = (allowed, handler)
-    _handlers[event] = entry
     if _fast is not None:
-        _fast.register(event, handler, allowed)
+        _fast.register(event, handler, allowed, scope)  # asks the gate itself
+    else:
+        _gate("register")
+    _handlers[event] = entry
+    _scopes[event] = scope
 
 
 def unregister(event: str) -> None:
-    _handlers.pop(event, None)
     if _fast is not None:
-        _fast.unregister(event)
+        _fast.unregister(event)  # asks the gate itself
+    else:
+        _gate("unregister")
+    _handlers.pop(event, None)
+    _scopes.pop(event, None)
+
+
+def set_wide(kind: int, on: bool) -> None:
+    """A process-wide setting the scoped handlers depend on (WIDE or NET_WIDE)."""
+    _wide[kind] = bool(on)
+    if _fast is not None:
+        _fast.set_wide(kind, bool(on))
+
+
+def reapply() -> None:
+    """Put the C hook's scope inputs back (the tamper guard's repair)."""
+    if _fast is not None:
+        from .. import provenance
+
+        _fast.set_scope(provenance._CHAIN, provenance._model_code)
+        for kind, on in _wide.items():
+            _fast.set_wide(kind, on)
 
 
 def current(event: str):
@@ -122,5 +165,5 @@ def restore(event: str, entry) -> bool:
         return False
     _handlers[event] = entry
     if _fast is not None:
-        _fast.register(event, entry[1], entry[0])
+        _fast.register(event, entry[1], entry[0], _scopes.get(event, ALWAYS))
     return True

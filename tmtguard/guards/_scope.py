@@ -38,6 +38,9 @@ wide = _Wide()
 
 def configure() -> None:
     wide.on = bool(getattr(decision.state, "process_wide", False))
+    from . import _audit
+
+    _audit.set_wide(_audit.WIDE, wide.on)
 
 
 def checked_chain(applies_wide: bool = True, verify: bool = True):

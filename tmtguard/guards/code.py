@@ -181,7 +181,7 @@ def install(policy) -> None:
     _policy = policy
     _scope.configure()
     for event, handler in _EVENTS.items():
-        _audit.register(event, handler)
+        _audit.register(event, handler, scope=_audit.MODEL if event == "function.__new__" else _audit.WIDE)
     _on = True
 
 

@@ -321,7 +321,7 @@ def install(policy) -> None:
     _policy = policy
     _folders.clear()
     for event, handler in _EVENTS.items():
-        _audit.register(event, handler)
+        _audit.register(event, handler, scope=_audit.MODEL)
     _on = True
 
 

@@ -386,7 +386,7 @@ def install(policy) -> None:
     provenance.trusted_start_up = _trusted_framework
     _scope.configure()
     restore_finder()
-    _audit.register("import", _on_import_event)
+    _audit.register("import", _on_import_event, scope=_audit.WIDE)
     _on = True
 
 

@@ -158,7 +158,7 @@ def install(policy) -> None:
     _policy = policy
     _scope.configure()
     for event, handler in _EVENTS.items():
-        _audit.register(event, handler)
+        _audit.register(event, handler, scope=_audit.WIDE)
     _on = True
     import sys
 

@@ -555,6 +555,7 @@ def install(policy) -> None:
     global _on, _wide, _policy, _asyncio_hook_registered
     _policy = policy
     _wide = policy.network_process_wide
+    _audit.set_wide(_audit.NET_WIDE, _wide)
     if not _on:
         for attr, replacement in _SOCKET_METHODS.items():
             setattr(_orig, attr, getattr(socket.socket, attr))
@@ -563,7 +564,7 @@ def install(policy) -> None:
             setattr(_orig, attr, getattr(socket, attr))
             _replace(socket, attr, replacement)
         for event, handler in _EVENTS.items():
-            _audit.register(event, handler)
+            _audit.register(event, handler, scope=_audit.NET_WIDE)
     _on = True
     # asyncio is patched when it is imported (tmtguard does not import it)
     if not _asyncio_hook_registered:

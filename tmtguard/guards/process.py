@@ -229,7 +229,7 @@ def install(policy) -> None:
         if _original_spawnvef is not None:
             _replace(os, "_spawnvef", _spawnvef)
     for event, handler in _EVENTS.items():
-        _audit.register(event, handler)
+        _audit.register(event, handler, scope=_audit.WIDE)
     _on = True
 
 

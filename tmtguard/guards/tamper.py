@@ -369,6 +369,7 @@ def _repair(patches, handlers_ok, meta_ok, classes_ok, mode_ok, settings) -> Non
             for event, entry in _handlers.items():
                 if _audit.restore(event, entry):
                     found.append(f"audit handler {event}")
+            _audit.reapply()
             _handlers_snapshot[0] = _audit.snapshot()
         if not meta_ok:
             f = _finder()

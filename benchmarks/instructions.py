@@ -1,0 +1,229 @@
+"""Instruction counts, unguarded vs guarded: the repeatable companion of run.py's wall-clock table.
+
+    python3 benchmarks/instructions.py [--only a,b] [--reps N] [--startup]
+
+Wall-clock ratios on a shared 2-core machine move by tens of percent from run to run; instruction
+counts do not. Each workload runs once per configuration under ``valgrind --tool=callgrind``, in the
+same worker process run.py uses (same fixtures, same setup, one untimed warm-up), and callgrind
+collects only inside ``sys.call_tracing``, which the worker calls around each repetition
+(``--collect-atstart=no --toggle-collect=sys_call_tracing*``): interpreter start-up, imports and
+fixture setup are not counted. ``--startup`` also counts the whole ``import torch, transformers``
+process (start-up is what that workload measures).
+
+What it does not see: time in the kernel (page faults of an mmap, socket system calls) and waiting.
+Those are the same guarded or not, so an instruction ratio overstates the guard's share of wall
+time, never understates it. Under valgrind everything runs ~50x slower: a workload that imports
+torch takes several minutes per configuration.
+
+Results: printed, and written to benchmarks/results/instructions.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import workloads as W  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    BASELINE,
+    CACHE_DIR,
+    ENFORCE,
+    REPO_ROOT,
+    RESULTS_DIR,
+    atomic_target,
+    child_env,
+    machine_info,
+)
+
+DEFAULT = ("pickle_loads", "socket_connect", "open_compile", "torch_load_many", "torch_load_mmap",
+           "from_pretrained", "remote_code")
+REPS = {"pickle_loads": 3, "socket_connect": 3, "open_compile": 1, "torch_load_many": 3,
+        "torch_load_mmap": 20, "from_pretrained": 5, "remote_code": 5}
+TIMEOUT_S = 3600
+_COLLECTED = re.compile(r"Collected\s*:\s*([0-9]+)")
+_REFS = re.compile(r"I\s+refs:\s*([0-9,]+)")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _valgrind() -> str | None:
+    return shutil.which("valgrind")
+
+
+def _python() -> str:
+    # valgrind must run the interpreter itself, not a shell shim (pyenv's python3 is a bash script)
+    return os.path.realpath(sys.executable)
+
+
+def _env(cfg, params: dict, tmp_dirs: list) -> dict:
+    env = child_env(cfg)
+    env.update(params.get("env", {}))
+    if cfg.kind == "guarded":
+        for var, value in params.get("guarded_env", {}).items():
+            if var == "TMTGUARD_ALLOWLIST" and env.get(var):
+                value = env[var] + os.pathsep + value
+            env[var] = value
+    for var in params.get("fresh_dir_env", []):
+        d = tempfile.mkdtemp(prefix="bench-", dir=CACHE_DIR)
+        tmp_dirs.append(d)
+        env[var] = d
+    return env
+
+
+def count_inprocess(mod, cfg, params: dict, reps: int) -> dict:
+    tmp_dirs: list = []
+    fd, out = tempfile.mkstemp(prefix="count-", suffix=".json", dir=CACHE_DIR)
+    os.close(fd)
+    os.unlink(out)
+    cmd = [_valgrind(), "--tool=callgrind", "--callgrind-out-file=/dev/null", "--collect-atstart=no",
+           "--toggle-collect=sys_call_tracing*", _python(), "-m", "benchmarks._worker",
+           "--workload", mod.NAME, "--config", cfg.key, "--reps", str(reps), "--count",
+           "--params", json.dumps(params), "--out", out]
+    try:
+        p = subprocess.run(cmd, env=_env(cfg, params, tmp_dirs), cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=TIMEOUT_S)
+        res = json.loads(Path(out).read_text()) if os.path.exists(out) else {}
+        m = _COLLECTED.search(p.stderr)
+        if not res.get("ok") or m is None:
+            why = res.get("error") or (p.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"error": why}
+        return {"instructions": int(m.group(1)), "reps": reps, "guard": res.get("guard")}
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {TIMEOUT_S} s"}
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
+        for d in tmp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def count_startup(cfg) -> dict:
+    cmd = [_valgrind(), "--tool=callgrind", "--callgrind-out-file=/dev/null", _python(), "-c",
+           "import torch, transformers"]
+    try:
+        p = subprocess.run(cmd, env=child_env(cfg), cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {TIMEOUT_S} s"}
+    m = _REFS.search(p.stderr)
+    if p.returncode != 0 or m is None:
+        return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1]}
+    return {"instructions": int(m.group(1).replace(",", "")), "reps": 1}
+
+
+def render(rows: list, meta: dict) -> str:
+    out = ["# tmtguard benchmarks: instruction counts", "",
+           f"Run {meta['started']} ({meta['seconds']:.0f} s), `{meta['command']}`. "
+           "Instructions counted by callgrind inside each repetition only (see benchmarks/instructions.py); "
+           "repeatable, unlike wall time on a shared machine.", "",
+           "| machine | |", "| --- | --- |"]
+    out += [f"| {k} | {v} |" for k, v in meta["machine"].items()]
+    out += ["", "| workload | per repetition, unguarded | per repetition, tmtguard enforce | ratio | budget | verdict |",
+            "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['title']} | | | | {r['budget']:.2f} | error: {r['error']} |")
+            continue
+        verdict = "PASS" if r["ratio"] <= r["budget"] else "MISS"
+        out.append(f"| {r['title']} | {r['base']:,.0f} | {r['guarded']:,.0f} | {r['ratio']:.3f} | "
+                   f"≤ {r['budget']:.2f} | {verdict} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", default=[], help="workload name(s), comma-separated")
+    ap.add_argument("--reps", type=int, help="repetitions per configuration (default: per workload)")
+    ap.add_argument("--startup", action="store_true", help="also count `import torch, transformers`")
+    ap.add_argument("--jobs", type=int, default=2, help="valgrind processes at once (default 2)")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    a = ap.parse_args(argv)
+    if _valgrind() is None:
+        log("valgrind not found (Debian: apt-get install valgrind)")
+        return 2
+    names = [n.strip() for o in a.only for n in o.split(",") if n.strip()] or list(DEFAULT)
+    if a.startup and "startup_import" not in names:
+        names.append("startup_import")
+    mods = {m.NAME: m for m in W.all_workloads()}
+    unknown = [n for n in names if n not in mods]
+    if unknown:
+        ap.error(f"unknown workload(s) {unknown}")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    started = _dt.datetime.now().astimezone()
+    t0 = time.perf_counter()
+
+    jobs = []  # (name, cfg, thunk)
+    rows = {}
+    for name in names:
+        mod = mods[name]
+        rows[name] = {"workload": name, "title": mod.TITLE, "budget": mod.BUDGET}
+        if getattr(mod, "KIND", "inprocess") == "startup":
+            for cfg in (BASELINE, ENFORCE):
+                jobs.append((name, cfg, (lambda cfg=cfg: count_startup(cfg))))
+            continue
+        try:
+            params = mod.prepare(CACHE_DIR)
+        except Exception as exc:
+            rows[name]["error"] = f"fixture preparation failed: {type(exc).__name__}: {exc}"
+            continue
+        reps = a.reps or REPS.get(name, 3)
+        for cfg in (BASELINE, ENFORCE):
+            jobs.append((name, cfg, (lambda mod=mod, cfg=cfg, params=params, reps=reps:
+                                     count_inprocess(mod, cfg, params, reps))))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(job):
+        name, cfg, thunk = job
+        log(f"counting {name} / {cfg.key} ...")
+        t = time.perf_counter()
+        res = thunk()
+        log(f"  {name} / {cfg.key}: {res.get('instructions', res.get('error'))} ({time.perf_counter() - t:.0f} s)")
+        return name, cfg.key, res
+
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        for name, key, res in pool.map(run, jobs):
+            rows[name][key] = res
+
+    out_rows = []
+    for name in names:
+        r = rows[name]
+        base, guarded = r.get(BASELINE.key, {}), r.get(ENFORCE.key, {})
+        err = r.get("error") or base.get("error") or guarded.get("error")
+        if err:
+            out_rows.append({**{k: r[k] for k in ("workload", "title", "budget")}, "error": err})
+            continue
+        b = base["instructions"] / base["reps"]
+        g = guarded["instructions"] / guarded["reps"]
+        out_rows.append({**{k: r[k] for k in ("workload", "title", "budget")}, "base": b, "guarded": g,
+                         "ratio": g / b, "reps": base["reps"], "guard": guarded.get("guard")})
+    meta = {"started": started.isoformat(timespec="seconds"), "seconds": time.perf_counter() - t0,
+            "command": "python3 benchmarks/instructions.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine_info()}
+    text = render(out_rows, meta)
+    print(text)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    for suffix, body in ((".md", text), (".json", json.dumps({"meta": meta, "rows": out_rows}, indent=2))):
+        target = a.out_dir / f"instructions{suffix}"
+        tmp = atomic_target(target)
+        tmp.write_text(body, encoding="utf-8")
+        os.replace(tmp, target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
