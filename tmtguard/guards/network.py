@@ -100,7 +100,14 @@ def _already_decided(key) -> bool:
 # --- the patches -------------------------------------------------------------------------------
 
 
+_chain = provenance._CHAIN.get
+_model_code = provenance._model_code  # never rebound by provenance
+
+
 def connect(self, address):
+    # the inline fast path (as in _scope): application code pays a ContextVar read and two truth tests
+    if not _chain() and not _model_code and not _wide:
+        return _orig.connect(self, address)
     chain = _checked()
     if chain is None:
         return _orig.connect(self, address)
@@ -109,6 +116,8 @@ def connect(self, address):
 
 
 def connect_ex(self, address):
+    if not _chain() and not _model_code and not _wide:
+        return _orig.connect_ex(self, address)
     chain = _checked()
     if chain is None:
         return _orig.connect_ex(self, address)
