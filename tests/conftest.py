@@ -8,9 +8,18 @@ import sys
 for _name in [n for n in os.environ if n.startswith("TMTGUARD_")]:
     del os.environ[_name]
 
+# TMTG_TEST_AUDIT_HOOK=python: run as a tmtguard built without a C compiler would (the Python audit
+# hook); test_audit_hooks.py runs the guards' suites that way in a fresh interpreter.
+_PYTHON_HOOK = os.environ.get("TMTG_TEST_AUDIT_HOOK") == "python"
+if _PYTHON_HOOK:
+    sys.modules["tmtguard._auditfast"] = None
+
 import pytest  # noqa: E402
 
 import tmtguard  # noqa: E402  (activates in enforce with the built-in allowlists)
+
+if _PYTHON_HOOK:
+    assert tmtguard.status()["audit_hook"] == "Python"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

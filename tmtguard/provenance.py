@@ -16,6 +16,22 @@ from contextvars import ContextVar
 
 from . import _unpatched, telemetry
 
+try:  # the C library's realpath(3), where tmtguard's extension is built
+    from ._auditfast import realpath as _c_realpath
+except ImportError:
+    _c_realpath = None
+
+
+def realpath(path) -> str:
+    """os.path.realpath; for an existing path, one realpath(3) call instead of a Python-level lstat
+    per component (the guards resolve every path a load or model code touches)."""
+    if _c_realpath is not None and isinstance(path, str):
+        real = _c_realpath(path)
+        if real is not None:
+            return real
+    return os.path.realpath(path)
+
+
 _CHAIN: ContextVar[tuple] = ContextVar("tmtguard_chain", default=())
 
 # Files of tmtguard itself: origin attribution skips them.
@@ -401,7 +417,7 @@ def register_model_code(filename: str, chain: tuple) -> None:
     chain = tuple(chain)
     _model_code[filename] = chain
     if os.path.isabs(filename) and not filename.startswith("<"):
-        real = os.path.realpath(filename)
+        real = realpath(filename)
         if real != filename:
             _model_code[real] = chain
         folder = os.path.dirname(real)
@@ -411,7 +427,7 @@ def register_model_code(filename: str, chain: tuple) -> None:
 
 def register_model_folder(folder: str, chain: tuple) -> None:
     """Everything under ``folder`` came from an artifact (a torch hub folder, a remote-code snapshot)."""
-    real = os.path.realpath(folder).rstrip(os.sep) + os.sep
+    real = realpath(folder).rstrip(os.sep) + os.sep
     if real == os.sep or _installation_path(real):
         return  # never the filesystem root, the stdlib or site-packages
     _model_folders.setdefault(real, tuple(chain))
@@ -533,26 +549,31 @@ def installation_roots() -> tuple:
     """Real paths (with a trailing separator) of the stdlib and site-packages folders."""
     global _install_roots
     if _install_roots is None:
-        import site
-        import sysconfig
-
-        roots = set()
-        paths = sysconfig.get_paths()
-        for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-            if paths.get(key):
-                roots.add(paths[key])
-        try:
-            roots.update(site.getsitepackages())
-        except Exception:
-            pass
-        user = getattr(site, "USER_SITE", None)
-        if user:
-            roots.add(user)
-        for entry in sys.path:
-            if entry and os.path.basename(entry.rstrip(os.sep)) in ("site-packages", "dist-packages"):
-                roots.add(entry)
-        _install_roots = tuple(sorted({os.path.realpath(r).rstrip(os.sep) + os.sep for r in roots}))
+        with internal():  # importing sysconfig opens files: tmtguard's own work, not the load's
+            _install_roots = _compute_installation_roots()
     return _install_roots
+
+
+def _compute_installation_roots() -> tuple:
+    import site
+    import sysconfig
+
+    roots = set()
+    paths = sysconfig.get_paths()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        if paths.get(key):
+            roots.add(paths[key])
+    try:
+        roots.update(site.getsitepackages())
+    except Exception:
+        pass
+    user = getattr(site, "USER_SITE", None)
+    if user:
+        roots.add(user)
+    for entry in sys.path:
+        if entry and os.path.basename(entry.rstrip(os.sep)) in ("site-packages", "dist-packages"):
+            roots.add(entry)
+    return tuple(sorted({os.path.realpath(r).rstrip(os.sep) + os.sep for r in roots}))
 
 
 def _installation_path(path: str) -> bool:

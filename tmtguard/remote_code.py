@@ -65,8 +65,8 @@ def hub_file(path: str) -> CodeFile | None:
 
 
 def local_file(folder: str, path: str) -> CodeFile:
-    folder = os.path.realpath(folder)
-    real = os.path.realpath(path)
+    folder = provenance.realpath(folder)
+    real = provenance.realpath(path)
     rel = os.path.relpath(real, folder).replace(os.sep, "/")
     if rel.startswith("../"):  # a symlink out of the folder: name it by the link, not the target
         rel = os.path.relpath(os.path.abspath(path), os.path.abspath(folder)).replace(os.sep, "/")
@@ -145,7 +145,7 @@ def _same_repo(rule_repo: str, code: CodeFile) -> bool:
         return rule_repo == code.repo
     if not (rule_repo.startswith(("/", "~", ".")) or os.path.isabs(rule_repo)):
         return False
-    return os.path.realpath(os.path.expanduser(rule_repo)) == code.repo
+    return provenance.realpath(os.path.expanduser(rule_repo)) == code.repo
 
 
 _by_repo: dict = {}  # id(rules) -> (rules, len(rules), {repo: [rules naming it, in order]})

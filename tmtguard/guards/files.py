@@ -125,17 +125,7 @@ def _check(path, write: bool, operation: str) -> None:
         decision.failed("file.open", path, exc, violation=FileViolation)
 
 
-_c_realpath = getattr(_audit._fast, "realpath", None)
-
-
-def _realpath(path: str) -> str:
-    """os.path.realpath, through the C library where tmtguard's extension is built (an existing path:
-    one call instead of a Python-level lstat per component)."""
-    if _c_realpath is not None:
-        real = _c_realpath(path)
-        if real is not None:
-            return real
-    return os.path.realpath(path)
+_realpath = provenance.realpath
 
 
 def _decide(path: str, write: bool, operation: str, chain, f) -> None:
@@ -254,7 +244,7 @@ def _folder_of(frame) -> str | None:
         return None
     folder = _folders.get(path)
     if folder is None:
-        real = os.path.realpath(path)
+        real = _realpath(path)
         folder = (real if os.path.isdir(real) else os.path.dirname(real)).rstrip(os.sep) + os.sep
         if folder == os.sep:
             folder = ""  # an artifact at / does not open the whole filesystem

@@ -123,11 +123,11 @@ def _find_behind(name, path, target):
 def _location(spec) -> str | None:
     origin = getattr(spec, "origin", None)
     if origin and os.path.isabs(origin):
-        return os.path.realpath(origin)
+        return provenance.realpath(origin)
     locations = getattr(spec, "submodule_search_locations", None)
     if locations:
         for loc in locations:
-            return os.path.realpath(loc) + os.sep
+            return provenance.realpath(loc) + os.sep
     return None
 
 

@@ -173,7 +173,7 @@ def _resolve(load: _Load, code=None) -> None:
         if not isinstance(name, str):
             load.label = "?"
         elif os.path.isdir(name):
-            load.path = load.label = os.path.realpath(name)
+            load.path = load.label = provenance.realpath(name)
         else:
             load.repo = name
             load.commit = _hub_commit(name, load.revision, load.cache_dir)
@@ -329,7 +329,7 @@ def _adopt_copy(relpath, req: _Request) -> None:
     if copy_digest != rec.digest:
         with _Pushed(_head_spec(_LOAD.get()), _code_spec(rec.code, rec.digest)) as chain:
             _tampered(rec.code, rec.digest, copy, copy_digest, chain)
-    _decided[os.path.realpath(copy)] = rec
+    _decided[provenance.realpath(copy)] = rec
 
 
 def _get_class_in_module(original):
@@ -339,7 +339,7 @@ def _get_class_in_module(original):
             return original(class_name, module_path, *args, **kwargs)
         load = _LOAD.get()
         copy = os.path.join(_modules_cache(), os.fspath(module_path))
-        main = _decided.get(os.path.realpath(copy))
+        main = _decided.get(provenance.realpath(copy))
         head = _head_spec(load, main.code if main else None)
         with _Pushed(head):
             outer = provenance.peek()
@@ -388,7 +388,7 @@ def _plan(copy: str, main: _Record | None, outer: tuple) -> list:
     with provenance.internal():
         related = sys.modules[DMU].get_relative_import_files(copy)
     for rel_copy in related:
-        real = os.path.realpath(rel_copy)
+        real = provenance.realpath(rel_copy)
         name = os.path.relpath(rel_copy, folder).replace(os.sep, "/")
         file = posixpath.normpath(posixpath.join(posixpath.dirname(main.code.file), name))
         rec = _decided.get(real)
@@ -459,8 +459,8 @@ def _modified(folder: str, group: list, base: str) -> str | None:
             snapshot = os.path.join(code.root, *(inside.split("/") if inside else []), name)
             if not os.path.isfile(snapshot) or provenance.file_digest(path) != provenance.file_digest(snapshot):
                 return f"{path} is not a copy of {snapshot}"
-        root = os.path.realpath(base)
-        d = real = os.path.realpath(folder)
+        root = provenance.realpath(base)
+        d = real = provenance.realpath(folder)
         while d.startswith(root + os.sep):
             try:
                 inits = [n for n in (entries if d == real else os.listdir(d)) if n.startswith("__init__.")]
@@ -553,7 +553,7 @@ def _origin_of(cls) -> _Record | None:
     if rec is None:
         module = sys.modules.get(getattr(cls, "__module__", ""))
         path = getattr(module, "__file__", None)
-        rec = _decided.get(os.path.realpath(path)) if path else None
+        rec = _decided.get(provenance.realpath(path)) if path else None
     return rec
 
 
@@ -575,7 +575,7 @@ def _declared(holder, auto_name) -> list:
 def _same_code(parsed, rec: _Record, cls) -> bool:
     repo, module_file, class_name = parsed
     code = rec.code
-    same_repo = os.path.realpath(repo) == code.repo if code.local else repo == code.repo
+    same_repo = provenance.realpath(repo) == code.repo if code.local else repo == code.repo
     return same_repo and module_file == code.file and class_name == cls.__name__
 
 
@@ -652,7 +652,7 @@ def _head_frames(load) -> tuple:
 def _declared_code(parsed, load):
     repo, module_file, _cls = parsed
     if os.path.isdir(repo):
-        folder = os.path.realpath(repo)
+        folder = provenance.realpath(repo)
         return remote_code.local_file(folder, os.path.join(folder, *module_file.split("/")))
     if load is not None and load.repo == repo and load.commit:
         commit = load.commit
