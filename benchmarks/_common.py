@@ -194,7 +194,6 @@ def _git_commit() -> str:
 def _tmtguard_install() -> str:
     """Version, how it is installed (the start-up row pays for compiling tmtguard's modules when it runs
     from a source tree without bytecode), and which audit hook it will use."""
-    import importlib.util
     import json
 
     version = dist_version("tmtguard")
@@ -209,8 +208,11 @@ def _tmtguard_install() -> str:
             how = "editable install (source tree: run `pip install .` for numbers users see)"
     except Exception:
         pass
-    try:
-        native = importlib.util.find_spec("tmtguard._auditfast") is not None
+    try:  # the installed package's files (the orchestrator itself may import the source tree)
+        from importlib.metadata import distribution
+
+        native = any(str(f).startswith("tmtguard/_auditfast") and str(f).endswith((".so", ".pyd"))
+                     for f in distribution("tmtguard").files or ())
     except Exception:
         native = False
     return f"{version}, {how}, audit hook {'C' if native else 'Python'}"
