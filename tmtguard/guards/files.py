@@ -106,16 +106,16 @@ def _changes(operation: str, *positions):
 def _check(path, write: bool, operation: str) -> None:
     if not _on or _lazy.internal:
         return
-    chain = _scope.checked_chain(applies_wide=False, verify=False)
-    if chain is None:
-        return  # application code while model code exists in the process: one stack walk
     try:
         path = os.fsdecode(path)
     except TypeError:
         return
     f = _scope.frame(3)
     if _scope.in_import_machinery(f) and path.endswith(_IMPORT_SUFFIXES):
-        return
+        return  # before the stack walk below: the import guard decides what gets imported
+    chain = _scope.checked_chain(applies_wide=False, verify=False)
+    if chain is None:
+        return  # application code while model code exists in the process: one stack walk
     _scope.tamper_check()
     try:
         _decide(path, write, operation, chain, f)
