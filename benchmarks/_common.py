@@ -106,6 +106,26 @@ def child_env(cfg: Config) -> dict[str, str]:
     return env
 
 
+def workload_env(cfg: Config, params: dict, tmp_dirs: list) -> dict[str, str]:
+    """child_env(cfg) plus what the workload's prepare() asked for: its own variables, guarded-only
+    settings (an allowlist for its fixtures, layered on the user's), and fresh empty folders (e.g.
+    HF_MODULES_CACHE), recorded in ``tmp_dirs`` for the caller to remove."""
+    import tempfile
+
+    env = child_env(cfg)
+    env.update(params.get("env", {}))
+    if cfg.kind == "guarded":
+        for var, value in params.get("guarded_env", {}).items():
+            if var == "TMTGUARD_ALLOWLIST" and env.get(var):
+                value = env[var] + os.pathsep + value
+            env[var] = value
+    for var in params.get("fresh_dir_env", []):
+        d = tempfile.mkdtemp(prefix="bench-", dir=CACHE_DIR)
+        tmp_dirs.append(d)
+        env[var] = d
+    return env
+
+
 # --------------------------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------------------------

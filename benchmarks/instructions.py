@@ -45,6 +45,7 @@ from benchmarks._common import (  # noqa: E402
     atomic_target,
     child_env,
     machine_info,
+    workload_env,
 )
 
 DEFAULT = ("pickle_loads", "socket_connect", "open_compile", "torch_load_many", "torch_load_mmap",
@@ -72,21 +73,6 @@ def _python() -> str:
     return os.path.realpath(sys.executable)
 
 
-def _env(cfg, params: dict, tmp_dirs: list) -> dict:
-    env = child_env(cfg)
-    env.update(params.get("env", {}))
-    if cfg.kind == "guarded":
-        for var, value in params.get("guarded_env", {}).items():
-            if var == "TMTGUARD_ALLOWLIST" and env.get(var):
-                value = env[var] + os.pathsep + value
-            env[var] = value
-    for var in params.get("fresh_dir_env", []):
-        d = tempfile.mkdtemp(prefix="bench-", dir=CACHE_DIR)
-        tmp_dirs.append(d)
-        env[var] = d
-    return env
-
-
 def count_inprocess(mod, cfg, params: dict, reps: int) -> dict:
     tmp_dirs: list = []
     fd, out = tempfile.mkstemp(prefix="count-", suffix=".json", dir=CACHE_DIR)
@@ -97,7 +83,7 @@ def count_inprocess(mod, cfg, params: dict, reps: int) -> dict:
            "--workload", mod.NAME, "--config", cfg.key, "--reps", str(reps), "--count",
            "--params", json.dumps(params), "--out", out]
     try:
-        p = subprocess.run(cmd, env=_env(cfg, params, tmp_dirs), cwd=REPO_ROOT, capture_output=True,
+        p = subprocess.run(cmd, env=workload_env(cfg, params, tmp_dirs), cwd=REPO_ROOT, capture_output=True,
                            text=True, timeout=TIMEOUT_S)
         res = json.loads(Path(out).read_text()) if os.path.exists(out) else {}
         m = _COLLECTED.search(p.stderr)

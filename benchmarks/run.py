@@ -45,6 +45,7 @@ from benchmarks._common import (  # noqa: E402
     median,
     peer_available,
     spread,
+    workload_env,
 )
 
 CHILD_TIMEOUT_S = 600
@@ -104,21 +105,6 @@ def preflight_guard(cfg: Config) -> str | None:
     return None
 
 
-def _env_for(cell: Cell, params: dict, tmp_dirs: list[str]) -> dict[str, str]:
-    env = child_env(cell.cfg)
-    env.update(params.get("env", {}))
-    if cell.cfg.kind == "guarded":  # e.g. an allowlist for the workload's own fixtures
-        for var, value in params.get("guarded_env", {}).items():
-            if var == "TMTGUARD_ALLOWLIST" and env.get(var):
-                value = env[var] + os.pathsep + value  # layered on the user's own files
-            env[var] = value
-    for var in params.get("fresh_dir_env", []):  # e.g. HF_MODULES_CACHE: empty per process
-        d = tempfile.mkdtemp(prefix="bench-", dir=CACHE_DIR)
-        tmp_dirs.append(d)
-        env[var] = d
-    return env
-
-
 def run_inprocess(cell: Cell, params: dict, reps: int, time_cap: float) -> None:
     tmp_dirs: list[str] = []
     fd, out = tempfile.mkstemp(prefix="bench-", suffix=".json", dir=CACHE_DIR)
@@ -142,7 +128,7 @@ def run_inprocess(cell: Cell, params: dict, reps: int, time_cap: float) -> None:
         out,
     ]
     try:
-        env = _env_for(cell, params, tmp_dirs)
+        env = workload_env(cell.cfg, params, tmp_dirs)
         try:
             p = subprocess.run(
                 cmd,
@@ -186,7 +172,7 @@ def run_startup(cell: Cell, params: dict, reps: int) -> None:
     times: list[float] = []
     for _ in range(reps):
         tmp_dirs: list[str] = []
-        env = _env_for(cell, params, tmp_dirs)
+        env = workload_env(cell.cfg, params, tmp_dirs)
         cmd = cell.mod.command(params, cell.cfg.key)
         with tempfile.TemporaryFile(mode="w+") as err:
             try:

@@ -80,6 +80,20 @@ in_scope(int scope)
     return on;
 }
 
+/* The table's entry for an event name, or NULL (entries are never removed: unregister clears the
+ * handler). Most names differ at the first character. */
+static entry_t *
+find(const char *event)
+{
+    for (int i = 0; i < n_entries; i++) {
+        const char *name = table[i].name;
+        if (name[0] == event[0] && strcmp(name, event) == 0) {
+            return &table[i];
+        }
+    }
+    return NULL;
+}
+
 static int
 hook(const char *event, PyObject *args, void *userData)
 {
@@ -87,14 +101,7 @@ hook(const char *event, PyObject *args, void *userData)
     if (n_active == 0) {
         return 0;
     }
-    entry_t *e = NULL;
-    for (int i = 0; i < n_entries; i++) {
-        const char *name = table[i].name;
-        if (name[0] == event[0] && strcmp(name, event) == 0) {
-            e = &table[i];
-            break;
-        }
-    }
+    entry_t *e = find(event);
     if (e == NULL || e->handler == NULL) {
         return 0;
     }
@@ -230,13 +237,7 @@ fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "empty event name");
         return NULL;
     }
-    entry_t *e = NULL;
-    for (int i = 0; i < n_entries; i++) {
-        if (strcmp(table[i].name, name) == 0) {
-            e = &table[i];
-            break;
-        }
-    }
+    entry_t *e = find(name);
     if (e == NULL) {
         if (n_entries >= MAX_EVENTS) {
             PyErr_SetString(PyExc_OverflowError, "too many audit events registered");
@@ -285,18 +286,15 @@ fast_unregister(PyObject *module, PyObject *pyname)
     if (name == NULL) {
         return NULL;
     }
-    for (int i = 0; i < n_entries; i++) {
-        entry_t *e = &table[i];
-        if (strcmp(e->name, name) == 0 && e->handler != NULL) {
-            PyObject *old_allowed = e->allowed, *old_handler = e->handler;
-            e->handler = NULL;
-            e->allowed = NULL;
-            n_active--;
-            generation++;
-            Py_XDECREF(old_allowed);
-            Py_XDECREF(old_handler);
-            break;
-        }
+    entry_t *e = find(name);
+    if (e != NULL && e->handler != NULL) {
+        PyObject *old_allowed = e->allowed, *old_handler = e->handler;
+        e->handler = NULL;
+        e->allowed = NULL;
+        n_active--;
+        generation++;
+        Py_XDECREF(old_allowed);
+        Py_XDECREF(old_handler);
     }
     Py_RETURN_NONE;
 }
@@ -309,11 +307,9 @@ fast_lookup(PyObject *module, PyObject *pyname)
     if (name == NULL) {
         return NULL;
     }
-    for (int i = 0; i < n_entries; i++) {
-        entry_t *e = &table[i];
-        if (strcmp(e->name, name) == 0 && e->handler != NULL) {
-            return Py_BuildValue("(OO)", e->allowed != NULL ? e->allowed : Py_None, e->handler);
-        }
+    entry_t *e = find(name);
+    if (e != NULL && e->handler != NULL) {
+        return Py_BuildValue("(OO)", e->allowed != NULL ? e->allowed : Py_None, e->handler);
     }
     Py_RETURN_NONE;
 }

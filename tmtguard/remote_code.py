@@ -148,28 +148,23 @@ def _same_repo(rule_repo: str, code: CodeFile) -> bool:
     return provenance.realpath(os.path.expanduser(rule_repo)) == code.repo
 
 
-_by_repo: dict = {}  # id(rules) -> (rules, len(rules), {repo: [rules naming it, in order]})
+def index_by_repo(rules) -> dict:
+    """{repo: [rules naming it, in order]}: built once per policy (Policy.refresh), so that a
+    deployment pinning hundreds of repos does not scan them all for every code file."""
+    index: dict = {}
+    for r in rules:
+        index.setdefault(r.repo, []).append(r)
+    return index
 
 
-def _named(rules, code: CodeFile) -> list:
-    """The rules naming ``code``'s repo: a dict lookup for hub repos (a deployment may pin hundreds),
-    a scan for local folders (matched on their real path)."""
-    if code.local:
-        return [r for r in rules if _same_repo(r.repo, code)]
-    entry = _by_repo.get(id(rules))
-    if entry is None or entry[0] is not rules or entry[1] != len(rules):
-        index: dict = {}
-        for r in rules:
-            index.setdefault(r.repo, []).append(r)
-        if len(_by_repo) > 16:
-            _by_repo.clear()
-        entry = _by_repo[id(rules)] = (rules, len(rules), index)
-    return entry[2].get(code.repo, [])
-
-
-def match(rules, code: CodeFile, digest: str | None):
-    """(Source, "") of the rule permitting ``code`` with ``digest``, else (None, why not)."""
-    named = _named(rules, code)
+def match(rules, code: CodeFile, digest: str | None, by_repo: dict | None = None):
+    """(Source, "") of the rule permitting ``code`` with ``digest``, else (None, why not).
+    ``by_repo``: :func:`index_by_repo` of ``rules`` (hub repos are then a dict lookup; local folders,
+    matched on their real path, are always scanned)."""
+    if by_repo is not None and not code.local:
+        named = by_repo.get(code.repo, [])
+    else:
+        named = [r for r in rules if _same_repo(r.repo, code)]
     if not named:
         return None, f"no remote_code.allow entry names {code.repo}"
     at = [r for r in named if code.revision and r.revision == code.revision]

@@ -177,7 +177,7 @@ _compiled: list = [None, ()]  # [environment key, ((kind, value, what), ...)]
 
 def _secret_patterns() -> tuple:
     get = os.environ.get
-    key = tuple(get(name) for name in _SECRET_ENV)
+    key = tuple(map(get, _SECRET_ENV))
     if key != _compiled[0]:
         out = []
         for pattern, what in SECRETS:

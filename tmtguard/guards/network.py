@@ -70,10 +70,15 @@ class _Originals:
 
 
 _orig = _Originals()
+_chain = provenance._CHAIN.get
+_model_code = provenance._model_code  # never rebound by provenance
 
 
 def _checked():
-    """The chain an action is checked against, or None when it is not checked (the fast path)."""
+    """The chain an action is checked against, or None when it is not checked. The fast path first,
+    as in _scope: application code pays a ContextVar read and two truth tests."""
+    if not _chain() and not _model_code and not _wide:
+        return None
     chain = provenance.acting_chain()
     if chain is None:
         if not _wide:
@@ -100,14 +105,7 @@ def _already_decided(key) -> bool:
 # --- the patches -------------------------------------------------------------------------------
 
 
-_chain = provenance._CHAIN.get
-_model_code = provenance._model_code  # never rebound by provenance
-
-
 def connect(self, address):
-    # the inline fast path (as in _scope): application code pays a ContextVar read and two truth tests
-    if not _chain() and not _model_code and not _wide:
-        return _orig.connect(self, address)
     chain = _checked()
     if chain is None:
         return _orig.connect(self, address)
@@ -116,8 +114,6 @@ def connect(self, address):
 
 
 def connect_ex(self, address):
-    if not _chain() and not _model_code and not _wide:
-        return _orig.connect_ex(self, address)
     chain = _checked()
     if chain is None:
         return _orig.connect_ex(self, address)

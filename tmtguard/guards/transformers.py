@@ -232,7 +232,7 @@ def _refuse(code, digest, rule, chain, *, suggestion=None, detail=None):
 
 
 def _decide(code, digest, chain) -> None:
-    src, why = remote_code.match(_policy.remote_code, code, digest)
+    src, why = remote_code.match(_policy.remote_code, code, digest, _policy.remote_code_by_repo)
     if src is not None:
         return
     hint = None
@@ -617,7 +617,7 @@ def _decide_served(cls, holder, load) -> None:
         code = _declared_code(p, load)
         with provenance.internal():
             digest = provenance.file_digest(code.path) if code.path else None
-        src, why = remote_code.match(_policy.remote_code, code, digest)
+        src, why = remote_code.match(_policy.remote_code, code, digest, _policy.remote_code_by_repo)
         if src is not None:
             return
         hint = None

@@ -83,6 +83,9 @@ class Policy:
         self.import_exact = frozenset(k for k in self.base.imports if not k.endswith(".*"))
         self.import_prefixes = tuple(k[:-1] for k in self.base.imports if k.endswith(".*"))
         self.has_scopes = bool(self.scoped)
+        from ..remote_code import index_by_repo
+
+        self.remote_code_by_repo = index_by_repo(self.remote_code)
 
     # -- building --------------------------------------------------------------------------
 
