@@ -16,6 +16,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <string.h>
 #include <stdlib.h>
 #include <limits.h>
@@ -456,6 +457,401 @@ fast_realpath(PyObject *module, PyObject *arg)
     return PyUnicode_DecodeFSDefault(buf);
 }
 
+/* --- stack walks ----------------------------------------------------------------------------------
+ *
+ * The guards' per-decision stack walks (provenance.model_code_frame, _library_start_up, the lazy
+ * pickle frames), in C: reading frame.f_code from Python raises an audit event per frame on 3.11, and
+ * a Python loop over 50-100 frames costs more than the decision it serves. Same logic as the Python
+ * versions kept beside them in provenance.py (used when this module was not built). */
+
+static PyObject *str_file = NULL;      /* "__file__" */
+static PyObject *str_name = NULL;      /* "__name__" */
+
+static PyFrameObject *
+frame_back(PyFrameObject *f)   /* steals f, returns a new reference or NULL */
+{
+    PyFrameObject *back = PyFrame_GetBack(f);
+    Py_DECREF(f);
+    return back;
+}
+
+static PyFrameObject *
+caller_frame(long skip)   /* the calling Python function's frame, ``skip`` frames up (new ref) */
+{
+    PyFrameObject *f = PyEval_GetFrame();
+    Py_XINCREF(f);
+    for (long i = 0; i < skip && f != NULL; i++) {
+        f = frame_back(f);
+    }
+    return f;
+}
+
+/* registry.get(key) as a borrowed reference, or NULL; never an error (unhashable: not found) */
+static PyObject *
+lookup(PyObject *registry, PyObject *key)
+{
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *v = PyDict_GetItemWithError(registry, key);
+    if (v == NULL && PyErr_Occurred()) {
+        PyErr_Clear();
+    }
+    return v;
+}
+
+static PyObject *
+global_of(PyFrameObject *f, PyObject *name)   /* f_globals.get(name), borrowed, or NULL */
+{
+    PyObject *globals = PyFrame_GetGlobals(f);
+    if (globals == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *v = PyDict_Check(globals) ? lookup(globals, name) : NULL;
+    Py_DECREF(globals);   /* globals outlive the frame's walk: the frame holds them */
+    return v;
+}
+
+/* the registry's value for the frame's code (its module's __file__, co_filename, id(code)) */
+static PyObject *
+registered(PyObject *registry, PyFrameObject *f, int by_code, int by_file)
+{
+    PyObject *v = by_file ? lookup(registry, global_of(f, str_file)) : NULL;
+    if (v == NULL && by_code) {
+        PyCodeObject *code = PyFrame_GetCode(f);
+        v = lookup(registry, code->co_filename);
+        if (v == NULL) {
+            PyObject *key = PyLong_FromVoidPtr(code);
+            if (key == NULL) {
+                PyErr_Clear();
+            }
+            else {
+                v = lookup(registry, key);
+                Py_DECREF(key);
+            }
+        }
+        Py_DECREF(code);
+    }
+    return v;
+}
+
+/* model_frame(registry, skip, by_code) -> (registry value, frame) of the innermost frame whose
+ * module's __file__ (and, with by_code, whose co_filename or id(code)) is in registry, or None */
+static PyObject *
+fast_model_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    UNUSED(module);
+    if (nargs != 3 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "model_frame(dict, skip, by_code)");
+        return NULL;
+    }
+    PyObject *registry = args[0];
+    long skip = PyLong_AsLong(args[1]);
+    int by_code = PyObject_IsTrue(args[2]);
+    if ((skip == -1 || by_code < 0) && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (PyDict_GET_SIZE(registry) == 0) {
+        Py_RETURN_NONE;
+    }
+    PyFrameObject *f = caller_frame(skip);
+    while (f != NULL) {
+        PyObject *v = registered(registry, f, by_code, 1);
+        if (v != NULL) {
+            PyObject *out = PyTuple_Pack(2, v, (PyObject *)f);
+            Py_DECREF(f);
+            return out;
+        }
+        f = frame_back(f);
+    }
+    Py_RETURN_NONE;
+}
+
+/* frames_of(codes, skip) -> [frame, ...] innermost first: the frames whose code object is a key of
+ * ``codes`` (the lazy pickle wrappers) */
+static PyObject *
+fast_frames_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    UNUSED(module);
+    if (nargs != 2 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "frames_of(dict, skip)");
+        return NULL;
+    }
+    long skip = PyLong_AsLong(args[1]);
+    if (skip == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    PyFrameObject *f = caller_frame(skip);
+    while (f != NULL) {
+        PyCodeObject *code = PyFrame_GetCode(f);
+        PyObject *v = lookup(args[0], (PyObject *)code);
+        Py_DECREF(code);
+        if (v != NULL && PyList_Append(out, (PyObject *)f) < 0) {
+            Py_DECREF(f);
+            Py_DECREF(out);
+            return NULL;
+        }
+        f = frame_back(f);
+    }
+    return out;
+}
+
+static int
+starts_with(PyObject *str, const char *prefix)
+{
+    if (!PyUnicode_Check(str)) {
+        return 0;
+    }
+    const char *s = PyUnicode_AsUTF8(str);
+    if (s == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+/* start_up(frame, stop, registry, by_code, trusted) -> provenance._library_start_up in C (see there):
+ * True when, between ``frame`` and ``stop`` (or model code), a trusted framework's module body runs
+ * under the import machinery and nothing else's does. trusted(name) -> bool. */
+static PyObject *
+fast_start_up(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    UNUSED(module);
+    if (nargs != 5 || !PyDict_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "start_up(frame, stop, registry, by_code, trusted)");
+        return NULL;
+    }
+    PyObject *stop = args[1], *registry = args[2], *trusted = args[4];
+    int by_code = PyObject_IsTrue(args[3]);
+    if (by_code < 0) {
+        return NULL;
+    }
+    if (args[0] == Py_None) {
+        Py_RETURN_FALSE;
+    }
+    if (!PyFrame_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "start_up: frame must be a frame");
+        return NULL;
+    }
+    int seen = 0;
+    PyObject *body = NULL;   /* the innermost module body's __name__ seen so far (new ref) */
+    PyObject *result = Py_False;
+    PyFrameObject *f = (PyFrameObject *)args[0];
+    Py_INCREF(f);
+    while (f != NULL) {
+        if ((PyObject *)f == stop) {
+            result = seen ? Py_True : Py_False;
+            break;
+        }
+        PyCodeObject *code = PyFrame_GetCode(f);
+        int model = lookup(registry, code->co_filename) != NULL;
+        if (!model && by_code) {
+            PyObject *key = PyLong_FromVoidPtr(code);
+            if (key != NULL) {
+                model = lookup(registry, key) != NULL;
+                Py_DECREF(key);
+            }
+            else {
+                PyErr_Clear();
+            }
+        }
+        if (model) {
+            Py_DECREF(code);
+            result = seen ? Py_True : Py_False;
+            break;
+        }
+        if (PyUnicode_CompareWithASCIIString(code->co_name, "<module>") == 0) {
+            PyObject *name = global_of(f, str_name);
+            if (name == NULL) {
+                name = Py_None;
+            }
+            Py_INCREF(name);
+            Py_XSETREF(body, name);
+        }
+        else if (PyUnicode_CompareWithASCIIString(code->co_name, "exec_module") == 0
+                 && starts_with(code->co_filename, "<frozen importlib")) {
+            PyFrameObject *back = PyFrame_GetBack(f);
+            int machinery = 0;
+            if (back != NULL) {
+                PyCodeObject *bcode = PyFrame_GetCode(back);
+                machinery = starts_with(bcode->co_filename, "<frozen importlib");
+                Py_DECREF(bcode);
+                Py_DECREF(back);
+            }
+            if (machinery && body != NULL && body != Py_None) {
+                int ok = 0;
+                if (PyUnicode_Check(body)) {
+                    PyObject *r = PyObject_CallOneArg(trusted, body);
+                    if (r == NULL) {
+                        Py_DECREF(code);
+                        Py_DECREF(f);
+                        Py_DECREF(body);
+                        return NULL;
+                    }
+                    ok = PyObject_IsTrue(r);
+                    Py_DECREF(r);
+                    if (ok < 0) {
+                        Py_DECREF(code);
+                        Py_DECREF(f);
+                        Py_DECREF(body);
+                        return NULL;
+                    }
+                }
+                if (!ok) {
+                    Py_DECREF(code);
+                    result = Py_False;
+                    break;
+                }
+                seen = 1;
+                Py_CLEAR(body);
+            }
+        }
+        Py_DECREF(code);
+        f = frame_back(f);
+    }
+    Py_XDECREF(f);
+    Py_XDECREF(body);
+    Py_INCREF(result);
+    return result;
+}
+
+/* --- gated calls ---------------------------------------------------------------------------------
+ *
+ * Gated(original, guarded, scope): a callable that calls ``original`` when a scoped audit handler of
+ * that scope would return at once (no guarded load on the chain, no model code in the process, the
+ * process-wide setting off), and ``guarded`` otherwise. The guards put one in place of a patched
+ * function on a hot path (socket.socket.connect): application code then pays one C call and the
+ * same test as the hook, instead of a Python frame. ``guarded`` still makes its own test first, so
+ * the result does not depend on this pre-filter. As a class attribute it binds like a function
+ * (Py_TPFLAGS_METHOD_DESCRIPTOR: ``sock.connect(addr)`` calls it with the socket first, with no
+ * bound-method object). It has a __dict__ (``_tmtguard_original``, ``__wrapped__``, ``__doc__``). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *original;
+    PyObject *guarded;
+    PyObject *dict;
+    int scope;
+    vectorcallfunc vectorcall;
+} gated_t;
+
+static PyObject *
+gated_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    gated_t *g = (gated_t *)self;
+    PyObject *target = (n_active != 0 && in_scope(g->scope) == 0) ? g->original : g->guarded;
+    return PyObject_Vectorcall(target, args, nargsf, kwnames);
+}
+
+static PyObject *
+gated_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *original, *guarded;
+    int scope;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Gated(original, guarded, scope) takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOi:Gated", &original, &guarded, &scope)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(original) || !PyCallable_Check(guarded)) {
+        PyErr_SetString(PyExc_TypeError, "Gated: original and guarded must be callable");
+        return NULL;
+    }
+    if (scope < SCOPE_MODEL || scope > SCOPE_NET_WIDE) {
+        PyErr_SetString(PyExc_ValueError, "Gated: unknown scope");
+        return NULL;
+    }
+    gated_t *g = (gated_t *)type->tp_alloc(type, 0);
+    if (g == NULL) {
+        return NULL;
+    }
+    Py_INCREF(original);
+    Py_INCREF(guarded);
+    g->original = original;
+    g->guarded = guarded;
+    g->scope = scope;
+    g->dict = NULL;
+    g->vectorcall = gated_call;
+    return (PyObject *)g;
+}
+
+static int
+gated_traverse(gated_t *g, visitproc visit, void *arg)
+{
+    Py_VISIT(g->original);
+    Py_VISIT(g->guarded);
+    Py_VISIT(g->dict);
+    return 0;
+}
+
+static int
+gated_clear(gated_t *g)
+{
+    Py_CLEAR(g->original);
+    Py_CLEAR(g->guarded);
+    Py_CLEAR(g->dict);
+    return 0;
+}
+
+static void
+gated_dealloc(gated_t *g)
+{
+    PyObject_GC_UnTrack(g);
+    gated_clear(g);
+    Py_TYPE(g)->tp_free((PyObject *)g);
+}
+
+static PyObject *
+gated_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    UNUSED(type);
+    if (obj == NULL || obj == Py_None) {
+        Py_INCREF(self);
+        return self;
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+gated_repr(gated_t *g)
+{
+    return PyUnicode_FromFormat("<tmtguard gated %R>", g->guarded);
+}
+
+static PyMemberDef gated_members[] = {
+    {"original", T_OBJECT, offsetof(gated_t, original), READONLY, "called when the guard would not act"},
+    {"guarded", T_OBJECT, offsetof(gated_t, guarded), READONLY, "called otherwise (the guard's patch)"},
+    {"scope", T_INT, offsetof(gated_t, scope), READONLY, "the audit scope tested first"},
+    {NULL},
+};
+
+static PyTypeObject GatedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tmtguard._auditfast.Gated",
+    .tp_basicsize = sizeof(gated_t),
+    .tp_dealloc = (destructor)gated_dealloc,
+    .tp_vectorcall_offset = offsetof(gated_t, vectorcall),
+    .tp_repr = (reprfunc)gated_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "Gated(original, guarded, scope): original when the guard would not act, else guarded",
+    .tp_traverse = (traverseproc)gated_traverse,
+    .tp_clear = (inquiry)gated_clear,
+    .tp_members = gated_members,
+    .tp_descr_get = gated_get,
+    .tp_dictoffset = offsetof(gated_t, dict),
+    .tp_new = gated_new,
+};
+
 static PyMethodDef methods[] = {
     {"install", (PyCFunction)(void (*)(void))fast_install, METH_FASTCALL,
      "install(dispatcher, gate): add the C audit hook (once; it cannot be removed), set the dispatcher and the gate."},
@@ -474,6 +870,12 @@ static PyMethodDef methods[] = {
     {"wide", (PyCFunction)fast_wide, METH_NOARGS, "wide() -> (process_wide, network_process_wide)"},
     {"generation", (PyCFunction)fast_generation, METH_NOARGS,
      "generation() -> a number every register/unregister changes (the tamper guard's quick check)"},
+    {"model_frame", (PyCFunction)(void (*)(void))fast_model_frame, METH_FASTCALL,
+     "model_frame(registry, skip, by_code) -> (registry value, frame) of the innermost registered frame, or None"},
+    {"frames_of", (PyCFunction)(void (*)(void))fast_frames_of, METH_FASTCALL,
+     "frames_of(codes, skip) -> the frames running one of these code objects, innermost first"},
+    {"start_up", (PyCFunction)(void (*)(void))fast_start_up, METH_FASTCALL,
+     "start_up(frame, stop, registry, by_code, trusted) -> provenance._library_start_up in C"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -485,5 +887,23 @@ static struct PyModuleDef moduledef = {
 PyMODINIT_FUNC
 PyInit__auditfast(void)
 {
-    return PyModule_Create(&moduledef);
+    if (PyType_Ready(&GatedType) < 0) {
+        return NULL;
+    }
+    str_file = PyUnicode_InternFromString("__file__");
+    str_name = PyUnicode_InternFromString("__name__");
+    if (str_file == NULL || str_name == NULL) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&GatedType);
+    if (PyModule_AddObject(m, "Gated", (PyObject *)&GatedType) < 0) {
+        Py_DECREF(&GatedType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

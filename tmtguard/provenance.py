@@ -16,10 +16,11 @@ from contextvars import ContextVar
 
 from . import _unpatched, telemetry
 
-try:  # the C library's realpath(3), where tmtguard's extension is built
-    from ._auditfast import realpath as _c_realpath
+try:  # the C library's realpath(3) and the stack walks in C, where tmtguard's extension is built
+    from ._auditfast import frames_of as _c_frames_of, model_frame as _c_model_frame, \
+        realpath as _c_realpath, start_up as _c_start_up
 except ImportError:
-    _c_realpath = None
+    _c_realpath = _c_model_frame = _c_frames_of = _c_start_up = None
 
 
 def realpath(path) -> str:
@@ -29,6 +30,19 @@ def realpath(path) -> str:
         real = _c_realpath(path)
         if real is not None:
             return real
+        if path.startswith(os.sep) and "/." not in path and "//" not in path:
+            # A file about to be created (a write, a mkdir): the real path of the nearest existing
+            # folder, then the names below it, when none of them exists, not even as a link (a
+            # dangling symlink is resolved by the full walk below, as os.path.realpath does).
+            head, names = path, []
+            for _ in range(8):
+                head, name = os.path.split(head)
+                if not name or os.path.lexists(os.path.join(head, name)):
+                    break
+                names.append(name)
+                real = _c_realpath(head)
+                if real is not None:
+                    return os.path.join(real, *reversed(names))
     return os.path.realpath(path)
 
 
@@ -208,13 +222,18 @@ def active() -> bool:
 
 def _materialize() -> tuple:
     found = []
-    f = sys._getframe(2)
     get = _LAZY_CODES.get
-    while f is not None:
-        spec = get(f.f_code)
-        if spec is not None and id(f) not in _materialized:
-            found.append((f, spec))
-        f = f.f_back
+    if _c_frames_of is not None:
+        for f in _c_frames_of(_LAZY_CODES, 2):
+            if id(f) not in _materialized:
+                found.append((f, get(f.f_code)))
+    else:
+        f = sys._getframe(2)
+        while f is not None:
+            spec = get(f.f_code)
+            if spec is not None and id(f) not in _materialized:
+                found.append((f, spec))
+            f = f.f_back
     c = _CHAIN.get()
     for f, (loader, argname) in reversed(found):  # outermost first
         label, path, data, size = describe_artifact(f.f_locals.get(argname))
@@ -399,6 +418,7 @@ _model_code: dict = {}
 # Folders holding model code (a torch hub folder, a remote-code module folder): modules imported from
 # them are model code too. realpath + os.sep -> chain.
 _model_folders: dict = {}
+_model_folder_order: dict = {}  # folder -> its registration number (of nested folders, the first wins)
 # Code objects registered by id() stay alive here, so an id is never reused while registered.
 _model_code_objects: list = []
 
@@ -430,7 +450,9 @@ def register_model_folder(folder: str, chain: tuple) -> None:
     real = realpath(folder).rstrip(os.sep) + os.sep
     if real == os.sep or _installation_path(real):
         return  # never the filesystem root, the stdlib or site-packages
-    _model_folders.setdefault(real, tuple(chain))
+    if real not in _model_folders:
+        _model_folder_order[real] = len(_model_folder_order)
+        _model_folders[real] = tuple(chain)
 
 
 def register_model_code_object(code, chain: tuple) -> None:
@@ -451,13 +473,26 @@ def register_model_code_object(code, chain: tuple) -> None:
 
 
 def model_folder_chain(path: str):
-    """The chain of the model-code folder holding ``path`` (a real path), or None."""
-    if not _model_folders:
+    """The chain of the model-code folder holding ``path`` (a real path), or None. Of nested model
+    folders, the one registered first. A scan of the folders while there are few, a lookup of each
+    of the path's parent folders once a server has loaded many models."""
+    folders = _model_folders
+    if not folders:
         return None
-    for folder, chain in _model_folders.items():
-        if path.startswith(folder):
-            return chain
-    return None
+    if len(folders) <= 16:
+        for folder, chain in folders.items():
+            if path.startswith(folder):
+                return chain
+        return None
+    found = None
+    order = _model_folder_order
+    i = path.find(os.sep, 1)
+    while i != -1:
+        prefix = path[: i + 1]
+        if prefix in folders and (found is None or order[prefix] < order[found]):
+            found = prefix
+        i = path.find(os.sep, i + 1)
+    return folders[found] if found is not None else None
 
 
 def model_code_frame(skip: int = 1):
@@ -469,6 +504,8 @@ def model_code_frame(skip: int = 1):
     no module of their own) does the walk also look at ``id(f_code)``."""
     if not _model_code:
         return None
+    if _c_model_frame is not None:
+        return _c_model_frame(_model_code, skip, _registered.code_objects)
     f = sys._getframe(skip)
     get = _model_code.get
     if not _registered.code_objects:
@@ -517,6 +554,8 @@ def _library_start_up(f, stop) -> bool:
     trusted = trusted_start_up
     if trusted is None:
         return False
+    if _c_start_up is not None:
+        return _c_start_up(f, stop, _model_code, _registered.code_objects, trusted)
     seen = False
     body = None  # the innermost module body seen so far
     while f is not None:

@@ -103,17 +103,23 @@ def _check(via: str, filename, source, name=None) -> None:
     if not _on or _lazy.internal:
         return
     # sys._getframe: 0 _check, 1 the event handler, 2 the audit hook, 3 the caller of compile()...
-    chain = _scope.checked_chain(verify=False)
-    if chain is None:
-        return
     f = _scope.frame(3)
-    if f is None or _executing_module(f):
+    if f is None:
         return  # no Python frame: the interpreter compiling the main program or a traceback line
-    _scope.tamper_check()
     try:
         generator = _generator(f)
-        if _policy.code_allowed(generator, chain) is not None:
-            return
+        if _policy.code_allowed(generator, ()) is not None:
+            return  # a generator every chain may use (typing, dataclasses): no stack walk
+    except Exception as exc:
+        decision.failed("code.exec", via, exc, violation=CodeViolation)
+        return
+    chain = _scope.checked_chain(verify=False)
+    if chain is None or _executing_module(f):
+        return
+    _scope.tamper_check()
+    try:
+        if chain and _policy.code_allowed(generator, chain) is not None:
+            return  # a code.allow rule scoped to the innermost artifact
         detail = {"via": via}
         if filename is not None:
             detail["filename"] = _scope.text(filename)

@@ -113,12 +113,27 @@ def _check(path, write: bool, operation: str) -> None:
     f = _scope.frame(3)
     if _scope.in_import_machinery(f) and path.endswith(_IMPORT_SUFFIXES):
         return  # before the stack walk below: the import guard decides what gets imported
+    try:
+        given = os.path.abspath(path)
+        real = _realpath(given)
+        secret = _secret(given) or (_secret(real) if real != given else None)
+        # Allowed whoever acts: a read of a non-secret file where every chain may read, a source line
+        # for a traceback, an installed framework writing its own cache. No stack walk for these.
+        if secret is None:
+            if write:
+                if _framework_cache_write(real, f):
+                    return
+            elif _readable_anywhere(real) or _reading_source(f, real):
+                return
+    except Exception as exc:
+        decision.failed("file.open", path, exc, violation=FileViolation)
+        return
     chain = _scope.checked_chain(applies_wide=False, verify=False)
     if chain is None:
         return  # application code while model code exists in the process: one stack walk
     _scope.tamper_check()
     try:
-        _decide(path, write, operation, chain, f)
+        _decide(given, real, secret, write, operation, chain)
     except decision.Violation:
         raise
     except Exception as exc:
@@ -128,19 +143,13 @@ def _check(path, write: bool, operation: str) -> None:
 _realpath = provenance.realpath
 
 
-def _decide(path: str, write: bool, operation: str, chain, f) -> None:
-    given = os.path.abspath(path)
-    real = _realpath(given)
-    secret = _secret(given) or (_secret(real) if real != given else None)
+def _decide(given: str, real: str, secret, write: bool, operation: str, chain) -> None:
+    """What only the acting chain can allow: a files.allow rule (global or scoped to its innermost
+    artifact), a read inside the chain's own artifacts' folders."""
     if _policy.file_allowed(given, chain) is not None or (real != given and _policy.file_allowed(real, chain) is not None):
         return
-    if secret is None:
-        if not write and _readable(real, chain):
-            return
-        if not write and _reading_source(f, real):
-            return
-        if write and _framework_cache_write(real, f):
-            return
+    if secret is None and not write and _readable_by(real, chain):
+        return
     action = "file.open" if operation == "open" else "file.write"
     access = "write" if write else "read"
     if secret is not None:
@@ -176,8 +185,7 @@ _compiled: list = [None, ()]  # [environment key, ((kind, value, what), ...)]
 
 
 def _secret_patterns() -> tuple:
-    get = os.environ.get
-    key = tuple(map(get, _SECRET_ENV))
+    key = _env_key(_SECRET_ENV)
     if key != _compiled[0]:
         out = []
         for pattern, what in SECRETS:
@@ -207,20 +215,27 @@ def _secret(path: str) -> str | None:
     return None
 
 
-def _readable(real: str, chain) -> bool:
+def _readable_anywhere(real: str) -> bool:
+    """Readable by every chain: the interpreter's installation, common system files, registered model
+    code folders, the Hugging Face caches."""
     for root in provenance.installation_roots():
         if real.startswith(root):
             return True
     for prefix in SYSTEM_READS:
         if real == prefix.rstrip("/") or (prefix.endswith("/") and real.startswith(prefix)):
             return True
+    if provenance.model_folder_chain(real) is not None:
+        return True
+    return any(real.startswith(c) for c in hf_caches())
+
+
+def _readable_by(real: str, chain) -> bool:
+    """Readable by this chain: inside the folder of one of its artifacts."""
     for frame in chain:
         folder = _folder_of(frame)
         if folder and (real.startswith(folder) or real == folder.rstrip(os.sep)):
             return True
-    if provenance.model_folder_chain(real) is not None:
-        return True
-    return any(real.startswith(c) for c in hf_caches())
+    return False
 
 
 def _reading_source(f, real: str) -> bool:
@@ -254,9 +269,55 @@ def _folder_of(frame) -> str | None:
     return folder or None
 
 
+# os.environ's own bytes table (POSIX): the hot paths' change checks read it without encoding the
+# names and decoding the values on every call. os.environ writes through to it.
+_environ_data = getattr(os.environ, "_data", None)
+if not isinstance(_environ_data, dict):
+    _environ_data = None
+
+
+def _env_key(names: tuple) -> tuple:
+    """The current values of these variables, as a cache key."""
+    if _environ_data is not None:
+        return tuple(map(_environ_data.get, _env_names_bytes(names)))
+    return tuple(map(os.environ.get, names))
+
+
+def _env_names_bytes(names: tuple, _memo={}) -> tuple:
+    encoded = _memo.get(names)
+    if encoded is None:
+        encoded = _memo[names] = tuple(map(os.fsencode, names))
+    return encoded
+
+
+_HF_ENV = ("HF_HOME", "XDG_CACHE_HOME", "HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE",
+           "HF_MODULES_CACHE", "HF_ASSETS_CACHE", "HF_DATASETS_CACHE")
+_HF_CONSTANTS = ("HF_HOME", "HF_HUB_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_HUB_CACHE")
+
+
 def hf_caches() -> list:
     """The Hugging Face cache folders (real paths, with a trailing separator): from the environment
-    and, once imported, from huggingface_hub and transformers themselves (they read it at import)."""
+    and, once imported, from huggingface_hub and transformers themselves (they read it at import).
+    Recomputed only when one of those settings changes."""
+    constants = sys.modules.get("huggingface_hub.constants")
+    dynamic = sys.modules.get("transformers.dynamic_module_utils")
+    key = (_env_key(_HF_ENV),
+           tuple(getattr(constants, n, None) for n in _HF_CONSTANTS) if constants is not None else None,
+           getattr(dynamic, "HF_MODULES_CACHE", None) if dynamic is not None else None)
+    cached = _hf_key_memo.get(key)
+    if cached is not None:
+        return cached
+    cached = _hf_caches()
+    if len(_hf_key_memo) > 64:
+        _hf_key_memo.clear()
+    _hf_key_memo[key] = cached
+    return cached
+
+
+_hf_key_memo: dict = {}
+
+
+def _hf_caches() -> list:
     env = os.environ
     home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
     found = {home, env.get("HF_HUB_CACHE"), env.get("HUGGINGFACE_HUB_CACHE"), env.get("TRANSFORMERS_CACHE"),
@@ -286,9 +347,18 @@ def torch_hub_caches() -> list:
     if hub is None:
         return []
     try:
-        return [os.path.realpath(hub.get_dir()).rstrip(os.sep) + os.sep]
+        folder = hub.get_dir()
+        cached = _torch_hub_memo.get(folder)
+        if cached is None:
+            if len(_torch_hub_memo) > 64:
+                _torch_hub_memo.clear()
+            cached = _torch_hub_memo[folder] = [os.path.realpath(folder).rstrip(os.sep) + os.sep]
+        return cached
     except Exception:
         return []
+
+
+_torch_hub_memo: dict = {}
 
 
 _EVENTS = {

@@ -556,6 +556,22 @@ def _replace(owner, attr: str, replacement) -> None:
     setattr(owner, attr, replacement)
 
 
+_Gated = getattr(_audit._fast, "Gated", None)
+
+
+def _gated(original, replacement):
+    """With the C extension, the patch put in place is a Gated call: the original C method when the
+    network guard would not act (the same test _checked() makes first, in C), the replacement
+    otherwise. Application code's connect then costs a C call, not a Python frame."""
+    if _Gated is None:
+        return replacement
+    gated = _Gated(original, replacement, _audit.NET_WIDE)
+    gated.__wrapped__ = replacement
+    for name in ("__name__", "__qualname__", "__module__"):
+        setattr(gated, name, getattr(replacement, name))
+    return gated
+
+
 def install(policy) -> None:
     global _on, _wide, _policy, _asyncio_hook_registered
     _policy = policy
@@ -564,10 +580,10 @@ def install(policy) -> None:
     if not _on:
         for attr, replacement in _SOCKET_METHODS.items():
             setattr(_orig, attr, getattr(socket.socket, attr))
-            _replace(socket.socket, attr, replacement)
+            _replace(socket.socket, attr, _gated(getattr(_orig, attr), replacement))
         for attr, replacement in _MODULE_FUNCTIONS.items():
             setattr(_orig, attr, getattr(socket, attr))
-            _replace(socket, attr, replacement)
+            _replace(socket, attr, _gated(getattr(_orig, attr), replacement))
         for event, handler in _EVENTS.items():
             _audit.register(event, handler, scope=_audit.NET_WIDE)
     _on = True
