@@ -36,7 +36,6 @@ TAMPERS = {
     "remove import guard": "sys.meta_path.remove(sys.meta_path[0])",
     "clear meta_path": "sys.meta_path.clear()",
     "restore fork_exec": "_posixsubprocess.fork_exec = _posixsubprocess.fork_exec._tmtguard_original",
-    "restore os._spawnvef": "os._spawnvef = os._spawnvef._tmtguard_original",
     "flip the mode": 'sys.modules["tmtguard.decision"].state.mode = "off"',
     "switch a guard off": 'sys.modules["tmtguard.guards.process"]._on = False',
     "module class": "import types; subprocess.__class__ = types.ModuleType",
@@ -46,9 +45,11 @@ TAMPERS = {
     "narrow the C hook's scope": "import contextvars; _f = sys.modules['tmtguard.guards._audit']._fast; "
                                  "(_f.set_scope(contextvars.ContextVar('x'), {}) if _f else sys.modules['tmtguard.guards._audit'].unregister('open'))",
 }
-# Not refused on the spot (sys and pickle keep their plain module class, see tamper.py), but undone and
-# reported before the next decision.
+# Not refused on the spot (sys, pickle, os, socket, threading and importlib keep their plain module
+# class, see tamper.UNPINNED), but undone and reported before the next decision.
 REPAIRED = {
+    "restore os._spawnvef": "os._spawnvef = os._spawnvef._tmtguard_original",
+    "restore socket.getaddrinfo": "socket.getaddrinfo = socket.getaddrinfo._tmtguard_original",
     "replace meta_path": "sys.meta_path = [f for f in sys.meta_path if 'tmtguard' not in repr(f)]",
     "restore pickle.loads": "pickle.loads = sys.modules['tmtguard._unpatched'].pickle_loads",
     "restore pickle.Unpickler": "pickle.Unpickler = _pickle.Unpickler.__mro__[1]",

@@ -54,6 +54,13 @@ _guards: list = []  # the guard modules, as sealed
 _handlers: dict = {}  # audit handlers as sealed
 _handlers_snapshot: list = [None]  # _audit.snapshot() when they were last known intact
 _guarded_modules: list = []  # modules whose class we set
+# Watched modules whose class is left alone: application code reads their attributes on hot paths
+# (os.path, os.fspath, socket.AF_INET), and CPython 3.11 specializes attribute reads only on plain
+# modules: a GuardedModule class made every `os.x` in the process several times slower. Their
+# patches are checked by identity before every decision (verify) and put back; the PEP 578 events
+# behind each of them decide what an unpatched function would do.
+UNPINNED = frozenset({"os", "socket", "threading", "importlib"})
+_plain_modules: list = []
 _module_class: dict = {}  # module -> the GuardedModule (sub)class it was given
 
 
@@ -388,6 +395,7 @@ def _repair(patches, handlers_ok, meta_ok, classes_ok, mode_ok, settings) -> Non
             object.__setattr__(decision.state, "mode", settings.mode)
             found.append("tmtguard mode")
     if found:
+        found = list(dict.fromkeys(found))
         try:
             refuse(", ".join(found), "had undone tmtguard's guards (" + ", ".join(found) +
                    "); tmtguard put them back")
@@ -448,10 +456,10 @@ def _seal() -> None:
     names = list(WATCHED) + [n for n in list(sys.modules) if n == "tmtguard" or n.startswith("tmtguard.")]
     for name in names:
         module = sys.modules.get(name)
-        if module is None or any(module is m for m in _guarded_modules):
+        if module is None or any(module is m for m in _guarded_modules) or any(module is m for m in _plain_modules):
             continue
         if type(module) is types.ModuleType:
-            _guarded_modules.append(module)
+            (_plain_modules if name in UNPINNED else _guarded_modules).append(module)
     for module in _guarded_modules:
         if module is sys or module.__name__.startswith("tmtguard"):
             if type(module) is types.ModuleType:
@@ -460,7 +468,7 @@ def _seal() -> None:
         else:
             _pin(module)
     del _snapshot[:]
-    for module in _guarded_modules:
+    for module in _guarded_modules + _plain_modules:
         if module is sys or module.__name__.startswith("tmtguard"):
             continue  # sys.meta_path is checked on its own; the app may replace it
         for attr, value in list(vars(module).items()):
@@ -507,6 +515,7 @@ def uninstall() -> None:
         if isinstance(module, GuardedModule):
             object.__setattr__(module, "__class__", types.ModuleType)
     _module_class.clear()
+    _plain_modules.clear()
     if type(sys.meta_path) is MetaPath:
         types.ModuleType.__setattr__(sys, "meta_path", list(sys.meta_path))
     _snapshot.clear()
