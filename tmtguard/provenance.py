@@ -48,6 +48,10 @@ def realpath(path) -> str:
 
 _CHAIN: ContextVar[tuple] = ContextVar("tmtguard_chain", default=())
 
+# Bumped on every os.environ write (the tamper guard's os.putenv / os.unsetenv handler): what the
+# guards derive from environment variables (HOME, HF_HOME...) is recomputed when it changes.
+environment_changes = [0]
+
 # Files of tmtguard itself: origin attribution skips them.
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 

@@ -112,6 +112,8 @@ def start_load(frame, parent_chain) -> None:
     tracer = _tracer if _tracer is not None else _get_tracer()
     if not tracer:
         return
+    if _exporter_choice == "global" and isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider):
+        return  # no TracerProvider configured (yet): the span would record nothing; checked per load
     try:
         from . import provenance
 

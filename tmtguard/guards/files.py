@@ -21,6 +21,7 @@ and file access from native code (``numpy.fromfile`` and C libraries call the C 
 from __future__ import annotations
 
 import fnmatch
+import operator
 import os
 import re
 import sys
@@ -88,8 +89,20 @@ def _on_open(args):
         return  # an open file descriptor: its opening was checked
     flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
     mode = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
-    write = bool(flags & _WRITE_FLAGS) or any(c in mode for c in "wax+")
-    _check(path, write, "open")
+    write = _write_modes.get(mode)
+    if write is None:
+        write = _write_mode(mode)
+    _check(path, write or bool(flags & _WRITE_FLAGS), "open")
+
+
+_write_modes: dict = {}  # open() mode -> it writes
+
+
+def _write_mode(mode: str) -> bool:
+    write = any(c in mode for c in "wax+")
+    if len(_write_modes) < 256:
+        _write_modes[mode] = write
+    return write
 
 
 def _changes(operation: str, *positions):
@@ -106,24 +119,36 @@ def _changes(operation: str, *positions):
 def _check(path, write: bool, operation: str) -> None:
     if not _on or _lazy.internal:
         return
+    if not isinstance(path, str):
+        try:
+            path = os.fsdecode(path)
+        except TypeError:
+            return
     try:
-        path = os.fsdecode(path)
-    except TypeError:
-        return
-    f = _scope.frame(3)
-    if _scope.in_import_machinery(f) and path.endswith(_IMPORT_SUFFIXES):
+        f = _getframe(3)  # 0 here, 1 the event handler, 2 the audit hook's frame, 3 the caller
+    except ValueError:
+        f = None  # the interpreter itself, with no Python frame
+    if path.endswith(_IMPORT_SUFFIXES) and _scope.in_import_machinery(f):
         return  # before the stack walk below: the import guard decides what gets imported
     try:
-        given = os.path.abspath(path)
-        real = _realpath(given)
-        secret = _secret(given) or (_secret(real) if real != given else None)
+        # an absolute path with nothing to normalize is its own abspath (most paths a load opens)
+        given = path if path[:1] == "/" and "/." not in path and "//" not in path and path[-1:] != "/" \
+            else os.path.abspath(path)
+        real = _c_realpath(given) if _c_realpath is not None else None
+        if real is None:
+            real = _realpath(given)
+        settings = _settings()
+        secret = None
+        if given.startswith(settings[0]) or real.startswith(settings[0]):
+            secret = _secret(given, settings) or (_secret(real, settings) if real != given else None)
         # Allowed whoever acts: a read of a non-secret file where every chain may read, a source line
         # for a traceback, an installed framework writing its own cache. No stack walk for these.
         if secret is None:
             if write:
                 if _framework_cache_write(real, f):
                     return
-            elif _readable_anywhere(real) or _reading_source(f, real):
+            elif real.startswith(settings[3]) or real in settings[4] \
+                    or provenance.model_folder_chain(real) is not None or _reading_source(f, real):
                 return
     except Exception as exc:
         decision.failed("file.open", path, exc, violation=FileViolation)
@@ -141,6 +166,8 @@ def _check(path, write: bool, operation: str) -> None:
 
 
 _realpath = provenance.realpath
+_c_realpath = provenance._c_realpath
+_getframe = sys._getframe
 
 
 def _decide(given: str, real: str, secret, write: bool, operation: str, chain) -> None:
@@ -178,55 +205,58 @@ def _expand(pattern: str) -> str | None:
     return os.path.expanduser(pattern) if pattern.startswith("~") else pattern
 
 
-# SECRETS with ~ and $VARS expanded, rebuilt only when one of the variables they name changes (the
-# file guard runs on every open a guarded load or model code makes).
-_SECRET_ENV = ("HOME",) + tuple(sorted({p[1:].partition("/")[0] for p, _ in SECRETS if p.startswith("$")}))
-_compiled: list = [None, ()]  # [environment key, ((kind, value, what), ...)]
+def _settings() -> tuple:
+    """What the file guard checks paths against, for the current environment and Hugging Face
+    settings: (secret prefixes, secret matcher, what each secret is, prefixes every chain may read,
+    exact paths every chain may read). Rebuilt only when one of those settings changes; the check
+    is one pass over the variables and the modules' constants."""
+    key = _settings_key()
+    memo = _settings_memo
+    if memo[0] == key:
+        return memo[1]
+    caches = hf_caches()
+    roots = provenance.installation_roots()
+    prefixes, parts, whats = [], [], []
+    for pattern, what in SECRETS:
+        p = _expand(pattern)
+        if p is None:
+            continue
+        literal = p[:min([i for i in (p.find("*"), p.find("?"), p.find("[")) if i >= 0], default=len(p))]
+        prefixes.append(literal[:-1] if literal.endswith("/") and literal == p[:-1] else literal)
+        if p.endswith("/*") and "*" not in p[:-2]:
+            rx = re.escape(p[:-2]) + r"(?:/.*)?\Z"  # the folder and everything in it
+        elif any(c in p for c in "*?["):
+            rx = fnmatch.translate(p)
+        else:
+            rx = re.escape(p) + r"\Z"
+        parts.append(f"(?P<s{len(whats)}>{rx})")
+        whats.append(what)
+    matcher = re.compile("|".join(parts), re.DOTALL).match if parts else (lambda path: None)
+    readable = tuple(roots) + tuple(p for p in SYSTEM_READS if p.endswith("/")) + tuple(caches)
+    exact = frozenset(p.rstrip("/") for p in SYSTEM_READS)
+    value = (tuple(prefixes), matcher, tuple(whats), readable, exact)
+    memo[:] = [key, value]
+    return value
 
 
-def _secret_patterns() -> tuple:
-    key = _env_key(_SECRET_ENV)
-    if key != _compiled[0]:
-        out = []
-        for pattern, what in SECRETS:
-            p = _expand(pattern)
-            if p is None:
-                continue
-            if p.endswith("/*") and "*" not in p[:-2]:
-                out.append(("folder", (p[:-2], p[:-2] + os.sep), what))
-            elif any(c in p for c in "*?["):
-                out.append(("glob", re.compile(fnmatch.translate(p)).match, what))
-            else:
-                out.append(("exact", p, what))
-        _compiled[:] = [key, tuple(out)]
-    return _compiled[1]
+_settings_memo: list = [None, None]  # [key, settings]
 
 
-def _secret(path: str) -> str | None:
-    for kind, value, what in _secret_patterns():
-        if kind == "folder":
-            if path == value[0] or path.startswith(value[1]):
-                return what
-        elif kind == "glob":
-            if value(path):
-                return what
-        elif path == value:
-            return what
-    return None
+def _secret(path: str, settings=None) -> str | None:
+    """What secret ``path`` is (SECRETS), or None. A str.startswith over the patterns' literal
+    prefixes first: the one regex runs only for a path that could match."""
+    prefixes, matcher, whats = (settings or _settings())[:3]
+    if not path.startswith(prefixes):
+        return None
+    m = matcher(path)
+    return whats[int(m.lastgroup[1:])] if m is not None else None
 
 
 def _readable_anywhere(real: str) -> bool:
     """Readable by every chain: the interpreter's installation, common system files, registered model
     code folders, the Hugging Face caches."""
-    for root in provenance.installation_roots():
-        if real.startswith(root):
-            return True
-    for prefix in SYSTEM_READS:
-        if real == prefix.rstrip("/") or (prefix.endswith("/") and real.startswith(prefix)):
-            return True
-    if provenance.model_folder_chain(real) is not None:
-        return True
-    return any(real.startswith(c) for c in hf_caches())
+    settings = _settings()
+    return real.startswith(settings[3]) or real in settings[4] or provenance.model_folder_chain(real) is not None
 
 
 def _readable_by(real: str, chain) -> bool:
@@ -269,41 +299,30 @@ def _folder_of(frame) -> str | None:
     return folder or None
 
 
-# os.environ's own bytes table (POSIX): the hot paths' change checks read it without encoding the
-# names and decoding the values on every call. os.environ writes through to it.
-_environ_data = getattr(os.environ, "_data", None)
-if not isinstance(_environ_data, dict):
-    _environ_data = None
-
-
-def _env_key(names: tuple) -> tuple:
-    """The current values of these variables, as a cache key."""
-    if _environ_data is not None:
-        return tuple(map(_environ_data.get, _env_names_bytes(names)))
-    return tuple(map(os.environ.get, names))
-
-
-def _env_names_bytes(names: tuple, _memo={}) -> tuple:
-    encoded = _memo.get(names)
-    if encoded is None:
-        encoded = _memo[names] = tuple(map(os.fsencode, names))
-    return encoded
-
-
-_HF_ENV = ("HF_HOME", "XDG_CACHE_HOME", "HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE",
-           "HF_MODULES_CACHE", "HF_ASSETS_CACHE", "HF_DATASETS_CACHE")
 _HF_CONSTANTS = ("HF_HOME", "HF_HUB_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_HUB_CACHE")
+_hf_constants = operator.attrgetter(*_HF_CONSTANTS)
+
+
+def _settings_key() -> tuple:
+    """Everything the file guard's settings and hf_caches() derive from, read in one pass."""
+    modules = sys.modules
+    constants = modules.get("huggingface_hub.constants")
+    if constants is not None:
+        try:
+            constants = _hf_constants(constants)
+        except AttributeError:
+            constants = tuple(getattr(constants, n, None) for n in _HF_CONSTANTS)
+    # the environment by its change count (tamper's os.putenv / os.unsetenv handler counts every
+    # os.environ write), not by reading a dozen variables on every open
+    return (provenance.environment_changes[0], constants,
+            getattr(modules.get("transformers.dynamic_module_utils"), "HF_MODULES_CACHE", None))
 
 
 def hf_caches() -> list:
     """The Hugging Face cache folders (real paths, with a trailing separator): from the environment
     and, once imported, from huggingface_hub and transformers themselves (they read it at import).
     Recomputed only when one of those settings changes."""
-    constants = sys.modules.get("huggingface_hub.constants")
-    dynamic = sys.modules.get("transformers.dynamic_module_utils")
-    key = (_env_key(_HF_ENV),
-           tuple(getattr(constants, n, None) for n in _HF_CONSTANTS) if constants is not None else None,
-           getattr(dynamic, "HF_MODULES_CACHE", None) if dynamic is not None else None)
+    key = _settings_key()
     cached = _hf_key_memo.get(key)
     if cached is not None:
         return cached
@@ -324,7 +343,7 @@ def _hf_caches() -> list:
              env.get("HF_MODULES_CACHE"), env.get("HF_ASSETS_CACHE"), env.get("HF_DATASETS_CACHE")}
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
-        for name in ("HF_HOME", "HF_HUB_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        for name in _HF_CONSTANTS:
             found.add(getattr(constants, name, None))
     dynamic = sys.modules.get("transformers.dynamic_module_utils")
     if dynamic is not None:
@@ -380,6 +399,8 @@ def install(policy) -> None:
     global _on, _policy
     _policy = policy
     _folders.clear()
+    _settings_memo[:] = [None, None]  # the environment may have changed while tmtguard was off
+    _hf_key_memo.clear()
     for event, handler in _EVENTS.items():
         _audit.register(event, handler, scope=_audit.MODEL)
     _on = True

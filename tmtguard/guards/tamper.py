@@ -219,6 +219,7 @@ def _on_object_setattr(args):
 
 
 def _on_env(args):
+    provenance.environment_changes[0] += 1  # the file guard's settings are derived from it
     if not _chain() and not _model_code and not _threads_started:
         return
     key = args[0]
