@@ -106,6 +106,41 @@ def test_symlink_to_a_secret_is_resolved(guard, tmp_path, home):
     assert ev["detail"]["real_path"] == str(home / ".ssh" / "id_rsa") and ev["detail"]["secret"] == "SSH keys"
 
 
+def test_a_folder_swapped_for_a_link_to_secrets_is_noticed(guard, tmp_path, home, monkeypatch):
+    # realpath(3) keeps a folder's real path while stat(2) finds the same directory there: a cache
+    # folder read once, then replaced by a link to ~/.ssh, must not keep its old real path
+    hf_home = tmp_path / "hf"
+    (hf_home / "hub" / "cfg").mkdir(parents=True)
+    (hf_home / "hub" / "cfg" / "id_rsa").write_text("not a key")
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    events = guard()
+    path = str(hf_home / "hub" / "cfg" / "id_rsa")
+    with tmtguard.guarded_load("custom.load", str(tmp_path / "model.bin")):
+        assert open(path).read() == "not a key"
+    os.rename(hf_home / "hub" / "cfg", hf_home / "hub" / "old")  # application code, between two loads
+    os.symlink(home / ".ssh", hf_home / "hub" / "cfg")
+    with tmtguard.guarded_load("custom.load", str(tmp_path / "model.bin")):
+        with pytest.raises(tmtguard.FileViolation, match="SSH keys"):
+            open(path).read()
+    [ev] = events
+    assert ev["detail"]["real_path"] == str(home / ".ssh" / "id_rsa")
+
+
+def test_home_changed_after_activation_moves_the_secrets(guard, tmp_path, monkeypatch):
+    # the guard's secret patterns follow os.environ writes made after it started
+    events = guard()
+    with tmtguard.guarded_load("custom.load", str(tmp_path / "model.bin")):
+        pass  # the patterns are built for the current HOME
+    h = tmp_path / "newhome"
+    (h / ".aws").mkdir(parents=True)
+    (h / ".aws" / "credentials").write_text("[default]\n")
+    monkeypatch.setenv("HOME", str(h))
+    with tmtguard.guarded_load("custom.load", str(h / "model.bin")):  # its folder is readable, ~/.aws is not
+        with pytest.raises(tmtguard.FileViolation, match="AWS credentials"):
+            open(h / ".aws" / "credentials").read()
+    assert [e["detail"]["secret"] for e in events] == ["AWS credentials"]
+
+
 # --- reads and writes around the artifact -----------------------------------------------------------------
 
 

@@ -777,3 +777,37 @@ def test_policy_name_lookup_and_rules_listing(tmp_path):
     assert policy.network_name_allowed("API.example.com", ()) is not None
     assert policy.network_name_allowed("other.example.com", ()) is None
     assert [r.text for r, _ in policy.network_rules(())] == ["api.example.com:443", "10.0.0.0/8:*"]
+
+
+# --- the C gate in front of the patches ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not tmtguard.status().get("audit_hook") == "C", reason="the C extension was not built")
+def test_gated_call_takes_the_original_only_when_the_guard_would_not_act(guard):
+    """Gated(original, guarded, scope): application code's connect costs a C call; inside a load or
+    while model code exists, the guard's function runs (it makes its own test too)."""
+    from tmtguard import _auditfast
+    from tmtguard.guards import _audit
+
+    assert type(socket.socket.__dict__["connect"]) is _auditfast.Gated
+    calls = []
+
+    class Sock:
+        pass
+
+    Sock.connect = _auditfast.Gated(lambda self, a: calls.append(("original", self, a)),
+                                    lambda self, a: calls.append(("guarded", self, a)), _audit.NET_WIDE)
+    s = Sock()
+    s.connect(1)  # bound like a function: the instance comes first
+    with tmtguard.guarded_load("custom.load", "/nonexistent/model.bin"):
+        s.connect(2)
+    Sock.connect(s, 3)
+    key = "/nonexistent/model_code.py"
+    provenance._model_code[key] = ()
+    try:
+        s.connect(4)  # model code exists in the process: the guard decides who is acting
+    finally:
+        del provenance._model_code[key]
+    assert calls == [("original", s, 1), ("guarded", s, 2), ("original", s, 3), ("guarded", s, 4)]
+    with pytest.raises(TypeError):
+        _auditfast.Gated(len, 42, _audit.NET_WIDE)

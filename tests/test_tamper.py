@@ -213,3 +213,22 @@ def test_threads_tampering_at_once(guard, tmp_path):
     assert outcomes == ["blocked"] * 6
     assert not any(m.exists() for m in markers)
     assert tmtguard.status()["mode"] == "enforce"
+
+
+def test_hot_modules_keep_their_plain_class(guard):
+    # CPython 3.11 specializes attribute reads (os.path, socket.AF_INET) only on plain modules; their
+    # patches are checked by identity before each decision instead (REPAIRED above)
+    import socket
+    import types
+
+    from tmtguard.guards import tamper
+
+    assert all(type(m) is types.ModuleType for m in (os, socket, threading, importlib_module()))
+    assert tamper.UNPINNED == {"os", "socket", "threading", "importlib"}
+    assert any(owner is os and attr == "_spawnvef" for owner, attr, _ in tamper._snapshot)
+
+
+def importlib_module():
+    import importlib
+
+    return importlib
