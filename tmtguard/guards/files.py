@@ -208,8 +208,8 @@ def _expand(pattern: str) -> str | None:
 def _settings() -> tuple:
     """What the file guard checks paths against, for the current environment and Hugging Face
     settings: (secret prefixes, secret matcher, what each secret is, prefixes every chain may read,
-    exact paths every chain may read). Rebuilt only when one of those settings changes; the check
-    is one pass over the variables and the modules' constants."""
+    exact paths every chain may read, the Hugging Face caches). Rebuilt only when one of those
+    settings changes: os.environ (counted), the Hugging Face modules' constants."""
     key = _settings_key()
     memo = _settings_memo
     if memo[0] == key:
@@ -232,9 +232,9 @@ def _settings() -> tuple:
         parts.append(f"(?P<s{len(whats)}>{rx})")
         whats.append(what)
     matcher = re.compile("|".join(parts), re.DOTALL).match if parts else (lambda path: None)
-    readable = tuple(roots) + tuple(p for p in SYSTEM_READS if p.endswith("/")) + tuple(caches)
+    readable = tuple(caches) + tuple(roots) + tuple(p for p in SYSTEM_READS if p.endswith("/"))
     exact = frozenset(p.rstrip("/") for p in SYSTEM_READS)
-    value = (tuple(prefixes), matcher, tuple(whats), readable, exact)
+    value = (tuple(prefixes), matcher, tuple(whats), readable, exact, tuple(caches))
     memo[:] = [key, value]
     return value
 
@@ -274,7 +274,7 @@ def _reading_source(f, real: str) -> bool:
 
 
 def _framework_cache_write(real: str, f) -> bool:
-    if not any(real.startswith(c) for c in hf_caches() + torch_hub_caches()):
+    if not real.startswith(_settings()[5]) and not real.startswith(tuple(torch_hub_caches())):
         return False
     if provenance.model_code_frame(1) is not None:
         return False
@@ -365,16 +365,19 @@ def torch_hub_caches() -> list:
     hub = sys.modules.get("torch.hub")
     if hub is None:
         return []
-    try:
-        folder = hub.get_dir()
-        cached = _torch_hub_memo.get(folder)
-        if cached is None:
-            if len(_torch_hub_memo) > 64:
-                _torch_hub_memo.clear()
-            cached = _torch_hub_memo[folder] = [os.path.realpath(folder).rstrip(os.sep) + os.sep]
+    # hub.get_dir() reads the environment: recomputed when torch.hub.set_dir() or os.environ changes
+    key = (getattr(hub, "_hub_dir", None), provenance.environment_changes[0])
+    cached = _torch_hub_memo.get(key)
+    if cached is not None:
         return cached
+    try:
+        cached = [os.path.realpath(hub.get_dir()).rstrip(os.sep) + os.sep]
     except Exception:
         return []
+    if len(_torch_hub_memo) > 64:
+        _torch_hub_memo.clear()
+    _torch_hub_memo[key] = cached
+    return cached
 
 
 _torch_hub_memo: dict = {}
