@@ -785,7 +785,7 @@ def test_policy_name_lookup_and_rules_listing(tmp_path):
 @pytest.mark.skipif(not tmtguard.status().get("audit_hook") == "C", reason="the C extension was not built")
 def test_gated_call_takes_the_original_only_when_the_guard_would_not_act(guard):
     """Gated(original, guarded, scope): application code's connect costs a C call; inside a load or
-    while model code exists, the guard's function runs (it makes its own test too)."""
+    with model code on the stack, the guard's function runs (it makes its own test too)."""
     from tmtguard import _auditfast
     from tmtguard.guards import _audit
 
@@ -803,11 +803,15 @@ def test_gated_call_takes_the_original_only_when_the_guard_would_not_act(guard):
         s.connect(2)
     Sock.connect(s, 3)
     key = "/nonexistent/model_code.py"
+    model = {"__file__": key, "s": s}
+    exec("def forward():\n    s.connect(4)\n", model)  # a function of that (model code) module
     provenance._model_code[key] = ()
     try:
-        s.connect(4)  # model code exists in the process: the guard decides who is acting
+        model["forward"]()  # model code on the stack: the guard decides
+        s.connect(5)  # model code exists, but application code connects: settled in C
     finally:
         del provenance._model_code[key]
-    assert calls == [("original", s, 1), ("guarded", s, 2), ("original", s, 3), ("guarded", s, 4)]
+    assert calls == [("original", s, 1), ("guarded", s, 2), ("original", s, 3), ("guarded", s, 4),
+                     ("original", s, 5)]
     with pytest.raises(TypeError):
         _auditfast.Gated(len, 42, _audit.NET_WIDE)

@@ -56,7 +56,13 @@ static PyObject *model_code = NULL;   /* provenance._model_code (a dict) */
 static int wide_on = 0;               /* TMTGUARD_PROCESS_WIDE */
 static int net_wide_on = 0;           /* network.process_wide */
 
-/* 1 when the handler must run, 0 when it would return at once, -1 (no error set) when unsure */
+static int model_code_on_stack(void);
+
+/* 1 when the handler must run, 0 when it would return at once, -1 (no error set) when unsure.
+ * The handlers' own test, made here: a guarded load on the chain, or (model code exists in the
+ * process) a model code frame on the stack (provenance.model_code_frame, walked in C), or the
+ * matching process-wide setting. Application code running while models are loaded, which is most
+ * of what a server does, is settled without entering Python. */
 static int
 in_scope(int scope)
 {
@@ -66,7 +72,7 @@ in_scope(int scope)
     if ((scope == SCOPE_WIDE && wide_on) || (scope == SCOPE_NET_WIDE && net_wide_on)) {
         return 1;
     }
-    if (!PyDict_Check(model_code) || PyDict_GET_SIZE(model_code) != 0) {
+    if (!PyDict_Check(model_code)) {
         return 1;
     }
     PyObject *value = NULL;
@@ -74,12 +80,17 @@ in_scope(int scope)
         PyErr_Clear();
         return 1;
     }
-    if (value == NULL) {
+    if (value != NULL) {
+        int on = PyTuple_Check(value) ? PyTuple_GET_SIZE(value) != 0 : 1;
+        Py_DECREF(value);
+        if (on) {
+            return 1;
+        }
+    }
+    if (PyDict_GET_SIZE(model_code) == 0) {
         return 0;
     }
-    int on = PyTuple_Check(value) ? PyTuple_GET_SIZE(value) != 0 : 1;
-    Py_DECREF(value);
-    return on;
+    return model_code_on_stack();
 }
 
 /* The table's entry for an event name, or NULL (entries are never removed: unregister clears the
@@ -678,6 +689,33 @@ registered(PyObject *registry, PyFrameObject *f, int by_code, int by_file)
     return v;
 }
 
+static int by_code = 0;   /* code objects are registered by id(): walks also look at f_code */
+
+static int
+model_code_on_stack(void)
+{
+    PyFrameObject *f = caller_frame(0);
+    while (f != NULL) {
+        if (registered(model_code, f, by_code, 1) != NULL) {
+            Py_DECREF(f);
+            return 1;
+        }
+        f = frame_back(f);
+    }
+    return 0;
+}
+
+/* set_by_code(): from now on, frames are also matched on co_filename and id(f_code) (code objects
+ * rebuilt from an artifact are registered). One way: nothing turns it off. */
+static PyObject *
+fast_set_by_code(PyObject *module, PyObject *unused)
+{
+    UNUSED(module);
+    UNUSED(unused);
+    by_code = 1;
+    Py_RETURN_NONE;
+}
+
 /* model_frame(registry, skip, by_code) -> (registry value, frame) of the innermost frame whose
  * module's __file__ (and, with by_code, whose co_filename or id(code)) is in registry, or None */
 static PyObject *
@@ -1012,6 +1050,8 @@ static PyMethodDef methods[] = {
     {"wide", (PyCFunction)fast_wide, METH_NOARGS, "wide() -> (process_wide, network_process_wide)"},
     {"generation", (PyCFunction)fast_generation, METH_NOARGS,
      "generation() -> a number every register/unregister changes (the tamper guard's quick check)"},
+    {"set_by_code", (PyCFunction)fast_set_by_code, METH_NOARGS,
+     "set_by_code(): the scope test also matches frames on co_filename and id(f_code) from now on"},
     {"model_frame", (PyCFunction)(void (*)(void))fast_model_frame, METH_FASTCALL,
      "model_frame(registry, skip, by_code) -> (registry value, frame) of the innermost registered frame, or None"},
     {"frames_of", (PyCFunction)(void (*)(void))fast_frames_of, METH_FASTCALL,

@@ -18,9 +18,9 @@ from . import _unpatched, telemetry
 
 try:  # the C library's realpath(3) and the stack walks in C, where tmtguard's extension is built
     from ._auditfast import frames_of as _c_frames_of, model_frame as _c_model_frame, \
-        realpath as _c_realpath, start_up as _c_start_up
+        realpath as _c_realpath, set_by_code as _c_set_by_code, start_up as _c_start_up
 except ImportError:
-    _c_realpath = _c_model_frame = _c_frames_of = _c_start_up = None
+    _c_realpath = _c_model_frame = _c_frames_of = _c_start_up = _c_set_by_code = None
 
 
 def realpath(path) -> str:
@@ -474,6 +474,8 @@ def register_model_code_object(code, chain: tuple) -> None:
         _model_code[key] = chain
         todo.extend(k for k in c.co_consts if isinstance(k, type(c)))
     _registered.code_objects = True
+    if _c_set_by_code is not None:
+        _c_set_by_code()  # the C hook's scope test matches id(f_code) from now on
 
 
 def model_folder_chain(path: str):
