@@ -14,6 +14,8 @@ io_open = io.open
 os_open = os.open
 os_write = os.write
 os_close = os.close
+os_read = os.read
+os_fstat = os.fstat
 
 pickle_load = pickle.load
 pickle_loads = pickle.loads

@@ -149,16 +149,36 @@ def file_digest(path: str) -> str | None:
     if cached is not None:
         return cached
     h = hashlib.sha256()
-    with _internal_work():
+    with _internal_work():  # one open(2), read(2)s, close(2): no buffered file object
         try:
-            with _unpatched.open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            fd = _unpatched.os_open(path, _O_READ)
         except OSError:
             return None
+        try:
+            # filed under the key of what was read (the file may have been replaced since the stat)
+            st = _unpatched.os_fstat(fd)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            # a small file in one read(2) of its size (+1 to see the end); a large one by the MiB (a
+            # 1 MiB buffer per read of a small file costs an mmap/munmap pair)
+            small = st.st_size < (1 << 20)
+            want = st.st_size + 1 if small else (1 << 20)
+            while True:
+                block = _unpatched.os_read(fd, want)
+                if not block:
+                    break
+                h.update(block)
+                want = (1 << 16) if small else (1 << 20)
+        except OSError:
+            return None
+        finally:
+            _unpatched.os_close(fd)
+    digest = h.hexdigest()
     with _digest_lock:
-        _digest_cache[key] = h.hexdigest()
-    return _digest_cache[key]
+        _digest_cache[key] = digest
+    return digest
+
+
+_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
 def describe_artifact(obj) -> tuple[str, str | None, bytes | None, int | None]:

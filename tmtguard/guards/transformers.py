@@ -736,7 +736,39 @@ def _patch_dmu(dmu) -> None:
         replacement._tmtguard_original = current
         _replacements[id(current)] = (current, replacement)
         _set(dmu, name, current, replacement)
+    current = getattr(dmu, "get_relative_imports", None)
+    if isinstance(current, types.FunctionType) and getattr(current, "_tmtguard_original", None) is None:
+        replacement = _memo_relative_imports(current)  # speed only: not part of what is guarded
+        replacement._tmtguard_original = current
+        _set(dmu, "get_relative_imports", current, replacement)
     _rebind()
+
+
+def _memo_relative_imports(original):
+    """transformers reads and regex-scans each remote-code file for its relative imports several times
+    per load (get_cached_module_file, get_class_in_module's module hash, and the plan above). The
+    answer depends only on the file's bytes: it is kept per (path, device, inode, size, mtime) of the
+    file stat(2) finds, so a changed or replaced file (a link swapped to another file too) is read again."""
+    memo: dict = {}
+
+    @functools.wraps(original)
+    def get_relative_imports(module_file):
+        try:
+            path = os.fspath(module_file)
+            st = os.stat(path)
+        except (OSError, TypeError, ValueError):
+            return original(module_file)
+        key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = memo.get(key)
+        if hit is not None:
+            return list(hit)
+        result = original(module_file)
+        if len(memo) >= 1024:
+            memo.clear()
+        memo[key] = tuple(result)
+        return result
+
+    return get_relative_imports
 
 
 def _rebind() -> None:
