@@ -81,6 +81,8 @@ class Policy:
         self.pickle_inert = frozenset(k for k, src in self.base.pickle.items()
                                       if src.file in builtin and not _acts(k))
         self.import_exact = frozenset(k for k in self.base.imports if not k.endswith(".*"))
+        # modules code.allow names exactly, for every chain: the code guard's first test
+        self.code_exact = frozenset(k for k in self.base.code if not k.endswith(".*"))
         self.import_prefixes = tuple(k[:-1] for k in self.base.imports if k.endswith(".*"))
         self.has_scopes = bool(self.scoped)
         from ..remote_code import index_by_repo
