@@ -134,9 +134,7 @@ def _check(path, write: bool, operation: str) -> None:
         # an absolute path with nothing to normalize is its own abspath (most paths a load opens)
         given = path if path[:1] == "/" and "/." not in path and "//" not in path and path[-1:] != "/" \
             else os.path.abspath(path)
-        real = _c_realpath(given) if _c_realpath is not None else None
-        if real is None:
-            real = _realpath(given)
+        real = _realpath(given)
         settings = _settings()
         secret = None
         if given.startswith(settings[0]) or real.startswith(settings[0]):
@@ -147,8 +145,7 @@ def _check(path, write: bool, operation: str) -> None:
             if write:
                 if _framework_cache_write(real, f):
                     return
-            elif real.startswith(settings[3]) or real in settings[4] \
-                    or provenance.model_folder_chain(real) is not None or _reading_source(f, real):
+            elif _readable_anywhere(real, settings) or _reading_source(f, real):
                 return
     except Exception as exc:
         decision.failed("file.open", path, exc, violation=FileViolation)
@@ -166,7 +163,6 @@ def _check(path, write: bool, operation: str) -> None:
 
 
 _realpath = provenance.realpath
-_c_realpath = provenance._c_realpath
 _getframe = sys._getframe
 
 
@@ -252,10 +248,9 @@ def _secret(path: str, settings=None) -> str | None:
     return whats[int(m.lastgroup[1:])] if m is not None else None
 
 
-def _readable_anywhere(real: str) -> bool:
+def _readable_anywhere(real: str, settings) -> bool:
     """Readable by every chain: the interpreter's installation, common system files, registered model
     code folders, the Hugging Face caches."""
-    settings = _settings()
     return real.startswith(settings[3]) or real in settings[4] or provenance.model_folder_chain(real) is not None
 
 
@@ -322,18 +317,25 @@ def hf_caches() -> list:
     """The Hugging Face cache folders (real paths, with a trailing separator): from the environment
     and, once imported, from huggingface_hub and transformers themselves (they read it at import).
     Recomputed only when one of those settings changes."""
-    key = _settings_key()
-    cached = _hf_key_memo.get(key)
-    if cached is not None:
-        return cached
-    cached = _hf_caches()
-    if len(_hf_key_memo) > 64:
-        _hf_key_memo.clear()
-    _hf_key_memo[key] = cached
-    return cached
+    return _memo(_hf_key_memo, _settings_key(), _hf_caches)
 
 
 _hf_key_memo: dict = {}
+
+
+def _memo(memo: dict, key, compute, *args):
+    """memo[key], computed once by compute(*args); a small cache, emptied when it holds 64 entries."""
+    value = memo.get(key)
+    if value is None:
+        value = compute(*args)
+        if len(memo) >= 64:
+            memo.clear()
+        memo[key] = value
+    return value
+
+
+def _real_folders(paths) -> list:
+    return [os.path.realpath(p).rstrip(os.sep) + os.sep for p in paths]
 
 
 def _hf_caches() -> list:
@@ -349,13 +351,8 @@ def _hf_caches() -> list:
     if dynamic is not None:
         found.add(getattr(dynamic, "HF_MODULES_CACHE", None))
     key = frozenset(str(p) for p in found if p)
-    cached = _hf_cache_memo.get(key)
-    if cached is None:  # realpath of each folder: once per set of settings, not per open
-        cached = [os.path.realpath(p).rstrip(os.sep) + os.sep for p in key]
-        if len(_hf_cache_memo) > 64:
-            _hf_cache_memo.clear()
-        _hf_cache_memo[key] = cached
-    return cached
+    # realpath of each folder once per set of folders (an unrelated os.environ write changes the key above)
+    return _memo(_hf_cache_memo, key, _real_folders, key)
 
 
 _hf_cache_memo: dict = {}
@@ -367,17 +364,10 @@ def torch_hub_caches() -> list:
         return []
     # hub.get_dir() reads the environment: recomputed when torch.hub.set_dir() or os.environ changes
     key = (getattr(hub, "_hub_dir", None), provenance.environment_changes[0])
-    cached = _torch_hub_memo.get(key)
-    if cached is not None:
-        return cached
     try:
-        cached = [os.path.realpath(hub.get_dir()).rstrip(os.sep) + os.sep]
+        return _memo(_torch_hub_memo, key, lambda: _real_folders([hub.get_dir()]))
     except Exception:
         return []
-    if len(_torch_hub_memo) > 64:
-        _torch_hub_memo.clear()
-    _torch_hub_memo[key] = cached
-    return cached
 
 
 _torch_hub_memo: dict = {}
