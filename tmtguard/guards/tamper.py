@@ -59,7 +59,8 @@ _guarded_modules: list = []  # modules whose class we set
 # modules: a GuardedModule class made every `os.x` in the process several times slower. Their
 # patches are checked by identity before every decision (verify) and put back; the PEP 578 events
 # behind each of them decide what an unpatched function would do.
-UNPINNED = frozenset({"os", "socket", "threading", "importlib"})
+# _socket holds no patch, but socket.py reads _socket.socket in every socket.__init__.
+UNPINNED = frozenset({"os", "socket", "_socket", "threading", "importlib"})
 _plain_modules: list = []
 _module_class: dict = {}  # module -> the GuardedModule (sub)class it was given
 
