@@ -290,6 +290,20 @@ def s_planted(j):
             prepare=lambda modules: plant(modules, j.fx["tamper"]))
 
 
+def plant_package_init(modules: Path, info: dict) -> Path:
+    """A package __init__.py with a payload in the repo's folder, above the commit folder of the copies
+    (transformers creates an empty one there, and keeps one that exists)."""
+    package = (modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "x")).parent.parent
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(mark("package init ran"))
+    return package / "__init__.py"
+
+
+def s_package_init(j):
+    j.start("package_init", LOAD % "acme/tampered", allow=[j.fx["tamper_allow"]],
+            prepare=lambda modules: plant_package_init(modules, j.fx["tamper"]))
+
+
 def s_import_payload(j):
     j.start("import_payload", LOAD % "acme/importer", allow=[j.fx["importer_allow"]])
 
@@ -448,6 +462,7 @@ SCENARIOS = {
     "test_digest_mismatch_after_pin": [s_digest],
     "test_tampered_modules_cache_copy": [s_tampered, s_unguarded],
     "test_planted_module_next_to_the_copies": [s_planted],
+    "test_planted_package_init_above_the_copies": [s_package_init],
     "test_import_payload_never_imported": [s_import_payload, s_unguarded],
     "test_allowed_transitive_model_runs_and_is_model_code": [s_allowed],
     "test_pin_output_refuses_moved_code_repo": [s_allowed],
@@ -550,6 +565,17 @@ def test_planted_module_next_to_the_copies(fx, jobs):
     planted = r.modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "planted")
     assert event["target"] == f"other/tamper-code@{info['code_commit']}/configuration_tiny.py"
     assert f"{planted} is not a copy of" in event["rule"]
+
+
+def test_planted_package_init_above_the_copies(fx, jobs):
+    # checked once per load (the configuration and modeling classes share their package folders)
+    info = fx["tamper"]
+    r = jobs.result("package_init")
+    assert r.out["load"]["type"] == "RemoteCodeViolation"
+    assert r.marks == []
+    [event] = remote_events(r.events)
+    init = (r.modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "x")).parent.parent / "__init__.py"
+    assert f"{init} is not the empty package file transformers creates" in event["rule"]
 
 
 def test_import_payload_never_imported(fx, jobs):

@@ -110,7 +110,7 @@ class _Load:
     code may run (the head of the chain), resolved only when remote code is involved."""
 
     __slots__ = ("loader", "name", "revision", "cache_dir", "label", "path", "repo", "commit", "resolved",
-                 "delivered", "checked")
+                 "delivered", "checked", "packages")
 
     def __init__(self, loader, name, revision, cache_dir):
         self.loader = loader
@@ -121,6 +121,7 @@ class _Load:
         self.label = self.path = self.repo = self.commit = None
         self.delivered = set()  # classes the dynamic path handed this load
         self.checked = set()  # registry-served classes already decided for this load
+        self.packages = set()  # modules-cache package folders whose __init__ files this load checked
 
 
 class _Request:
@@ -344,7 +345,7 @@ def _get_class_in_module(original):
         with _Pushed(head):
             outer = provenance.peek()
             try:
-                files = _plan(copy, main, outer)
+                files = _plan(copy, main, outer, load.packages if load is not None else None)
             except decision.Violation:
                 raise
             except Exception as exc:
@@ -366,9 +367,10 @@ def _get_class_in_module(original):
     return get_class_in_module
 
 
-def _plan(copy: str, main: _Record | None, outer: tuple) -> list:
+def _plan(copy: str, main: _Record | None, outer: tuple, packages: set | None = None) -> list:
     """Right before exec: decide the copy and every file it imports relatively; returns
-    [((names the file runs under...), _Record)] to register as model code."""
+    [((names the file runs under...), _Record)] to register as model code. ``packages``: the load's
+    set of package folders already checked (see _modified)."""
     base = _modules_cache()
     modpath = (str(Path(copy)), os.path.abspath(copy))  # as get_class_in_module names it, and absolute
     if main is None:
@@ -409,7 +411,7 @@ def _plan(copy: str, main: _Record | None, outer: tuple) -> list:
     for names, rec in files:
         by_folder.setdefault(os.path.dirname(names[-1]), []).append((os.path.basename(names[-1]), rec))
     for where, group in by_folder.items():
-        problem = _modified(where, group, base)
+        problem = _modified(where, group, base, packages)
         if problem:
             name, rec = group[0]
             _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}",
@@ -417,13 +419,15 @@ def _plan(copy: str, main: _Record | None, outer: tuple) -> list:
     return files
 
 
-def _modified(folder: str, group: list, base: str) -> str | None:
+def _modified(folder: str, group: list, base: str, packages: set | None = None) -> str | None:
     """What in the modules cache would run instead of, before or beside the verified copies in
     ``folder`` (``group``: [(file name, _Record)]): a package folder or extension module of the same
     name, a package ``__init__`` that is not the empty file transformers creates, or a module next to
     them that is no copy of the snapshot's file of that name (code could import it with
     ``from . import x``, which transformers does not fetch). Cached bytecode of the copies is removed
-    so that Python compiles the verified source."""
+    so that Python compiles the verified source. ``packages``: package folders above ``folder`` whose
+    ``__init__`` files were checked earlier in the same load (a model's configuration and modeling
+    classes share them); they are not listed again, and those checked now are added."""
     with provenance.internal():
         try:
             entries = set(os.listdir(folder))
@@ -456,12 +460,20 @@ def _modified(folder: str, group: list, base: str) -> str | None:
             if not name.endswith(".py") or name == "__init__.py":
                 continue
             path = os.path.join(folder, name)
+            file = posixpath.join(inside, name) if inside else name
+            rec = _decided.get(provenance.realpath(path))
+            if rec is not None and rec.code.repo == code.repo and rec.code.file == file and rec.digest:
+                if provenance.file_digest(path) == rec.digest:
+                    continue  # a copy decided before, unchanged since
             snapshot = os.path.join(code.root, *(inside.split("/") if inside else []), name)
             if not os.path.isfile(snapshot) or provenance.file_digest(path) != provenance.file_digest(snapshot):
                 return f"{path} is not a copy of {snapshot}"
         root = provenance.realpath(base)
         d = real = provenance.realpath(folder)
         while d.startswith(root + os.sep):
+            if d != real and packages is not None and d in packages:
+                d = os.path.dirname(d)
+                continue
             try:
                 inits = [n for n in (entries if d == real else os.listdir(d)) if n.startswith("__init__.")]
             except OSError:
@@ -470,6 +482,8 @@ def _modified(folder: str, group: list, base: str) -> str | None:
                 p = os.path.join(d, n)
                 if n != "__init__.py" or os.path.getsize(p) != 0:
                     return f"{p} is not the empty package file transformers creates"
+            if d != real and packages is not None:
+                packages.add(d)
             d = os.path.dirname(d)
     return None
 
@@ -746,26 +760,30 @@ def _patch_dmu(dmu) -> None:
 
 def _memo_relative_imports(original):
     """transformers reads and regex-scans each remote-code file for its relative imports several times
-    per load (get_cached_module_file, get_class_in_module's module hash, and the plan above). The
-    answer depends only on the file's bytes: it is kept per (path, device, inode, size, mtime) of the
-    file stat(2) finds, so a changed or replaced file (a link swapped to another file too) is read again."""
+    per load (check_imports on the snapshot, get_class_in_module's module hash on the copy, and the
+    plan above), ~80 us a scan for a 1 KB file. The answer depends only on the file's bytes: it is
+    kept per sha256 (provenance.file_digest, which the guard computes for every code file anyway and
+    keeps per device, inode, size and mtime), so the copy of a snapshot file is not scanned again and
+    a changed file is. An answer is kept only if the file had the same digest after the scan."""
     memo: dict = {}
 
     @functools.wraps(original)
     def get_relative_imports(module_file):
         try:
             path = os.fspath(module_file)
-            st = os.stat(path)
-        except (OSError, TypeError, ValueError):
+        except TypeError:
             return original(module_file)
-        key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        hit = memo.get(key)
+        digest = provenance.file_digest(path) if isinstance(path, str) else None
+        if digest is None:
+            return original(module_file)
+        hit = memo.get(digest)
         if hit is not None:
             return list(hit)
         result = original(module_file)
-        if len(memo) >= 1024:
-            memo.clear()
-        memo[key] = tuple(result)
+        if provenance.file_digest(path) == digest:
+            if len(memo) >= 1024:
+                memo.clear()
+            memo[digest] = tuple(result)
         return result
 
     return get_relative_imports
