@@ -75,3 +75,27 @@ def test_console_exporter_writes_json_spans_to_stderr(tmp_path, marker):
     assert out.stdout.strip() == "PickleViolation", out.stderr
     assert '"name": "tmtguard.load"' in out.stderr and '"tmtguard.decision"' in out.stderr
     assert not marker.exists()
+
+
+def test_provider_set_after_loads_without_one(tmp_path):
+    # Until the application sets a global TracerProvider, tmtguard skips spans without asking
+    # OpenTelemetry per load frame; the first load after set_tracer_provider() gets its span.
+    ok = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(2)}, ok)
+    code = f"""
+import torch, tmtguard
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+for _ in range(3):
+    torch.load({str(ok)!r}, weights_only=False)
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+torch.load({str(ok)!r}, weights_only=False)
+print([s.attributes.get("tmtguard.loader") for s in exporter.get_finished_spans() if s.name == "tmtguard.load"])
+"""
+    out = run_python(code, cwd=tmp_path, env=subprocess_env(TMTGUARD_MODE="enforce"))
+    assert out.stdout.strip() == "['torch.load']", out.stderr

@@ -108,11 +108,42 @@ class _InternalExporter:
         return flush(timeout_millis) if flush else True
 
 
+_UNKNOWN = object()
+_proxy_seen_at = [None]  # provenance.environment_changes when get_tracer_provider() last gave the proxy
+
+
+def _no_global_provider() -> bool:
+    """No global TracerProvider is set. OpenTelemetry's get_tracer_provider() reads os.environ
+    (OTEL_PYTHON_TRACER_PROVIDER) on every call until one is set, a few microseconds per load frame:
+    while its module global is still unset and the environment has not changed, the last answer
+    stands. set_tracer_provider() sets that global (once), which is seen on the next call."""
+    changes = _env_changes or _bind_env_changes()
+    current = getattr(_trace, "_TRACER_PROVIDER", _UNKNOWN)
+    if current is None and _proxy_seen_at[0] == changes[0]:
+        return True
+    if isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider):
+        if current is None:
+            _proxy_seen_at[0] = changes[0]
+        return True
+    return False
+
+
+_env_changes = None
+
+
+def _bind_env_changes() -> list:
+    global _env_changes
+    from . import provenance
+
+    _env_changes = provenance.environment_changes
+    return _env_changes
+
+
 def start_load(frame, parent_chain) -> None:
     tracer = _tracer if _tracer is not None else _get_tracer()
     if not tracer:
         return
-    if _exporter_choice == "global" and isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider):
+    if _exporter_choice == "global" and _no_global_provider():
         return  # no TracerProvider configured (yet): the span would record nothing; checked per load
     try:
         from . import provenance
