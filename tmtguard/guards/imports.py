@@ -315,14 +315,16 @@ def module_exec(code, f) -> None:
     name = getattr(module, "__name__", None) or "?"
     if _take_decided(name):
         return
+    from . import tamper
+
+    if code.co_filename in _model_code and not tamper.reload_protected(name):
+        return  # model code being imported (torch hub's hubconf, remote code): registered by its loader
     chain = _scope.checked_chain()
     if chain is None:
         return
-    from . import tamper
-
     tamper.check_module_exec(name, code)
     if code.co_filename in _model_code:
-        return  # model code being imported (torch hub's hubconf, remote code): registered by its loader
+        return
     spec = module.__spec__
     if spec is None or _allowed(name, spec, chain):
         return

@@ -294,10 +294,14 @@ def check_reload(name: str) -> None:
         refuse(f"importlib.reload({name})", f"tried to reload {name!r}, which would drop tmtguard's patches")
 
 
+def reload_protected(name: str) -> bool:
+    return name in RELOAD_PROTECTED or name.startswith("tmtguard")
+
+
 def check_module_exec(name: str, code) -> None:
     """A module body re-executed in place (a reload that got past the import guard)."""
     module = sys.modules.get(name)
-    if module is None or not (name in RELOAD_PROTECTED or name.startswith("tmtguard")):
+    if module is None or not reload_protected(name):
         return
     if getattr(module, "__file__", None) == code.co_filename and _populated(module):
         check_reload(name)
