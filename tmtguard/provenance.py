@@ -227,10 +227,16 @@ def register_lazy_loader(code, loader: str, argname: str) -> None:
     _LAZY_CODES[code] = (loader, argname)
 
 
+# One item per lazy top-level load running in any thread (pickle.loads/load append and pop around the
+# unpickler: list methods are single C calls, atomic under the GIL). Empty: no lazy load can be on
+# this thread's stack, so chain() skips the stack walk (~50 us under transformers' deep stacks).
+_lazy_active: list = []
+
+
 def chain() -> tuple:
     """The current chain of loads, outermost first (materializing lazy top-level loads)."""
     c = _CHAIN.get()
-    if c or not _LAZY_CODES:
+    if c or not _LAZY_CODES or not _lazy_active:
         return c
     return _materialize()
 

@@ -91,6 +91,8 @@ def _framed(loader, obj, fn, args, kwargs, container=False):
 
 _chain_get = provenance._CHAIN.get
 _materialized = provenance._materialized
+_lazy_enter = provenance._lazy_active.append
+_lazy_exit = provenance._lazy_active.pop
 
 # copyreg's EXT cache (code -> object) is process-wide and both unpicklers consult it BEFORE
 # find_class: an object one artifact resolved under its scoped rule (or in audit mode, or while the
@@ -107,12 +109,15 @@ def loads(data, /, **kwargs):
     # Top level: no frame unless a decision or a nested load needs one (see provenance.chain()). A
     # global that can act (a built-in that connects or reads, anything only your allowlist names)
     # materializes the frame when it is decided, so what it then does is checked against the load.
+    _lazy_enter(None)
     try:
         result = _c_loads(data, **kwargs) if kwargs else _c_loads(data)
     except BaseException as exc:
+        _lazy_exit()
         if _materialized:
             provenance.close_lazy(sys._getframe(), exc)
         raise
+    _lazy_exit()
     if _materialized:
         provenance.close_lazy(sys._getframe(), None)
     return result
@@ -123,12 +128,15 @@ def load(file, /, **kwargs):
         _ext_cache.clear()
     if _chain_get():
         return _framed("pickle.load", file, _c_load, (file,), kwargs)
+    _lazy_enter(None)
     try:
         result = _c_load(file, **kwargs) if kwargs else _c_load(file)
     except BaseException as exc:
+        _lazy_exit()
         if _materialized:
             provenance.close_lazy(sys._getframe(), exc)
         raise
+    _lazy_exit()
     if _materialized:
         provenance.close_lazy(sys._getframe(), None)
     return result
