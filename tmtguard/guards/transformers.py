@@ -50,7 +50,7 @@ from pathlib import Path
 
 import wrapt
 
-from .. import decision, provenance, remote_code
+from .. import _unpatched, decision, provenance, remote_code
 from ..decision import RemoteCodeViolation
 
 DMU = "transformers.dynamic_module_utils"
@@ -159,9 +159,12 @@ def _hub_commit(repo: str, revision=None, cache_dir=None) -> str | None:
         return rev
     ref = os.path.join(os.fspath(cache_dir) if cache_dir else _hub_cache(), "models--" + repo.replace("/", "--"), "refs", rev)
     with provenance.internal():
-        try:
-            with open(ref, encoding="utf-8") as fh:
-                commit = fh.read().strip()
+        try:  # one open(2) and read(2): no buffered text file for a 40-character ref
+            fd = _unpatched.os_open(ref, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                commit = _unpatched.os_read(fd, 4096).decode("utf-8").strip()
+            finally:
+                _unpatched.os_close(fd)
         except (OSError, UnicodeDecodeError):
             return None
     return commit if remote_code.COMMIT.match(commit) else None
