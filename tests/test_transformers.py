@@ -277,12 +277,15 @@ def s_tampered(j):
             prepare=lambda modules: tamper_copy(modules, j.fx["tamper"]))
 
 
-def plant(modules: Path, info: dict) -> Path:
-    """A module that is no copy of any snapshot file, next to where the copies will go."""
+def plant(modules: Path, info: dict, name: str = "planted.py", label: str = "planted module ran", up: int = 0) -> Path:
+    """A module with a payload that is no copy of any snapshot file, in the folder where the copies will go
+    (or ``up`` folders above it)."""
     folder = (modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "x")).parent
+    for _ in range(up):
+        folder = folder.parent
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "planted.py").write_text(mark("planted module ran"))
-    return folder / "planted.py"
+    (folder / name).write_text(mark(label))
+    return folder / name
 
 
 def s_planted(j):
@@ -291,17 +294,21 @@ def s_planted(j):
 
 
 def plant_package_init(modules: Path, info: dict) -> Path:
-    """A package __init__.py with a payload in the repo's folder, above the commit folder of the copies
-    (transformers creates an empty one there, and keeps one that exists)."""
-    package = (modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "x")).parent.parent
-    package.mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_text(mark("package init ran"))
-    return package / "__init__.py"
+    """A package __init__.py with a payload in the code repo's folder, above the commit folder of the
+    copies (transformers creates an empty one there, and keeps one that exists). It runs when the
+    model's code first imports a module of its package that transformers did not load itself (the
+    helper module): importing it imports the parent packages."""
+    return plant(modules, info, "__init__.py", "package init ran", up=1)
 
 
 def s_package_init(j):
-    j.start("package_init", LOAD % "acme/tampered", allow=[j.fx["tamper_allow"]],
-            prepare=lambda modules: plant_package_init(modules, j.fx["tamper"]))
+    info = j.fx["rel"]
+    allow = [("evil/rel-code", info["code_commit"], {n: digest(info["code_files"][n]) for n in
+                                                     ("configuration_tiny.py", "modeling_tiny.py", "helpers_tiny.py")})]
+    j.start("package_init", LOAD % "acme/rel-import", allow=[allow],
+            prepare=lambda modules: plant_package_init(modules, info))
+    j.start("package_init_unguarded", LOAD % "acme/rel-import", mode=None,
+            prepare=lambda modules: plant_package_init(modules, info))
 
 
 def s_import_payload(j):
@@ -569,13 +576,16 @@ def test_planted_module_next_to_the_copies(fx, jobs):
 
 def test_planted_package_init_above_the_copies(fx, jobs):
     # checked once per load (the configuration and modeling classes share their package folders)
-    info = fx["tamper"]
+    info = fx["rel"]
     r = jobs.result("package_init")
     assert r.out["load"]["type"] == "RemoteCodeViolation"
     assert r.marks == []
     [event] = remote_events(r.events)
     init = (r.modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "x")).parent.parent / "__init__.py"
     assert f"{init} is not the empty package file transformers creates" in event["rule"]
+    # what the check prevents: unguarded, the planted package file runs when the model imports its helper
+    u = jobs.result("package_init_unguarded")
+    assert u.out["load"]["ok"] and "package init ran" in u.marks
 
 
 def test_import_payload_never_imported(fx, jobs):

@@ -317,13 +317,14 @@ def module_exec(code, f) -> None:
         return
     from . import tamper
 
-    if code.co_filename in _model_code and not tamper.reload_protected(name):
+    model_code = code.co_filename in _model_code
+    if model_code and not tamper.reload_protected(name):
         return  # model code being imported (torch hub's hubconf, remote code): registered by its loader
     chain = _scope.checked_chain()
     if chain is None:
         return
     tamper.check_module_exec(name, code)
-    if code.co_filename in _model_code:
+    if model_code:
         return
     spec = module.__spec__
     if spec is None or _allowed(name, spec, chain):
