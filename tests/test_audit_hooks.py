@@ -35,3 +35,49 @@ def test_the_python_hook_is_what_that_run_uses():
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=subprocess_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.split() == ["Python", "True"], out.stderr
+
+
+def test_getframe_is_sys_getframe_without_its_audit_event():
+    """The C frame getter the guards use in their handlers: the same frames as sys._getframe, None past
+    the outermost one, and no sys._getframe event (whose arguments CPython builds for every hook)."""
+    fast = pytest.importorskip("tmtguard._auditfast")
+    if not hasattr(fast, "getframe"):
+        pytest.skip("the Python hook is in use (TMTG_TEST_AUDIT_HOOK=python)")
+    from tmtguard import provenance
+    from tmtguard.guards import _audit
+
+    assert provenance.frame_at is fast.getframe
+    seen = []
+
+    def inner():
+        got = [fast.getframe(0), fast.getframe(1), fast.getframe(10**6)]
+        quiet = len(seen)
+        return got, [sys._getframe(0), sys._getframe(1)], quiet
+
+    _audit.register("sys._getframe", seen.append)
+    try:
+        got, want, quiet = inner()
+    finally:
+        _audit.unregister("sys._getframe")
+    assert got[:2] == want and got[2] is None
+    assert quiet == 0 and len(seen) == 2  # the handler does see the real calls
+    with pytest.raises(ValueError):
+        fast.getframe(-1)
+
+
+def test_an_event_registered_later_reaches_its_handler_past_the_prefix_filter():
+    """The C hook rejects event names by their first two bytes before hashing them; an event with a
+    new prefix, registered after the start, must still reach its handler, and a neighbour must not."""
+    pytest.importorskip("tmtguard._auditfast")
+    from tmtguard.guards import _audit
+
+    calls = []
+    _audit.register("zq.tmtguard-test", calls.append)
+    try:
+        sys.audit("zq.tmtguard-test", 1)
+        sys.audit("zq.tmtguard-other", 2)
+        sys.audit("zr.tmtguard-test", 3)
+    finally:
+        _audit.unregister("zq.tmtguard-test")
+    sys.audit("zq.tmtguard-test", 4)
+    assert calls == [(1,)]

@@ -111,9 +111,25 @@ name_hash(const char *s)
     return h;
 }
 
+/* The first two bytes of every registered name, as a bitmap: most events a process raises (builtins.id,
+ * hundreds per transformers load; sys._getframe; object.__getattr__) share no two-byte prefix with a
+ * registered one and are rejected with two loads, before the name is hashed. */
+static unsigned char prefixes[256][32];
+
+static void
+note_prefix(const char *name)
+{
+    unsigned char a = (unsigned char)name[0], b = a ? (unsigned char)name[1] : 0;
+    prefixes[a][b >> 3] |= (unsigned char)(1u << (b & 7));
+}
+
 static entry_t *
 find(const char *event)
 {
+    unsigned char a = (unsigned char)event[0], b = a ? (unsigned char)event[1] : 0;
+    if (!(prefixes[a][b >> 3] & (1u << (b & 7)))) {
+        return NULL;
+    }
     unsigned int i = name_hash(event) & (SLOTS - 1);
     while (slots[i] != 0) {
         entry_t *e = &table[slots[i] - 1];
@@ -128,6 +144,7 @@ find(const char *event)
 static void
 index_entry(int n)
 {
+    note_prefix(table[n].name);
     unsigned int i = name_hash(table[n].name) & (SLOTS - 1);
     while (slots[i] != 0) {
         i = (i + 1) & (SLOTS - 1);
@@ -705,6 +722,29 @@ model_code_on_stack(void)
     return 0;
 }
 
+/* getframe(depth) -> the frame sys._getframe(depth) returns, or None when the stack is not that deep.
+ * Without the sys._getframe audit event: the guards ask for frames inside their own handlers and
+ * wrappers (tens of times a remote-code load), and each sys._getframe call made CPython build that
+ * event's arguments and call every hook. */
+static PyObject *
+fast_getframe(PyObject *module, PyObject *arg)
+{
+    UNUSED(module);
+    long depth = PyLong_AsLong(arg);
+    if (depth == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (depth < 0) {
+        PyErr_SetString(PyExc_ValueError, "getframe(depth): depth must be >= 0");
+        return NULL;
+    }
+    PyFrameObject *f = caller_frame(depth);
+    if (f == NULL) {
+        Py_RETURN_NONE;
+    }
+    return (PyObject *)f;
+}
+
 /* set_by_code(): from now on, frames are also matched on co_filename and id(f_code) (code objects
  * rebuilt from an artifact are registered). One way: nothing turns it off. */
 static PyObject *
@@ -1052,6 +1092,8 @@ static PyMethodDef methods[] = {
      "generation() -> a number every register/unregister changes (the tamper guard's quick check)"},
     {"set_by_code", (PyCFunction)fast_set_by_code, METH_NOARGS,
      "set_by_code(): the scope test also matches frames on co_filename and id(f_code) from now on"},
+    {"getframe", (PyCFunction)fast_getframe, METH_O,
+     "getframe(depth) -> sys._getframe(depth), or None when the stack is not that deep (no audit event)"},
     {"model_frame", (PyCFunction)(void (*)(void))fast_model_frame, METH_FASTCALL,
      "model_frame(registry, skip, by_code) -> (registry value, frame) of the innermost registered frame, or None"},
     {"frames_of", (PyCFunction)(void (*)(void))fast_frames_of, METH_FASTCALL,

@@ -19,8 +19,19 @@ from . import _unpatched, telemetry
 try:  # the C library's realpath(3) and the stack walks in C, where tmtguard's extension is built
     from ._auditfast import frames_of as _c_frames_of, model_frame as _c_model_frame, \
         realpath as _c_realpath, set_by_code as _c_set_by_code, start_up as _c_start_up
+    # sys._getframe(depth), or None when the stack is not that deep, without the sys._getframe audit
+    # event (CPython builds its arguments and calls every hook for each call: the guards ask for frames
+    # tens of times a load)
+    from ._auditfast import getframe as frame_at
 except ImportError:
     _c_realpath = _c_model_frame = _c_frames_of = _c_start_up = _c_set_by_code = None
+
+    def frame_at(depth: int):
+        """sys._getframe(depth) of the caller, or None when the stack is not that deep."""
+        try:
+            return sys._getframe(depth + 1)
+        except ValueError:
+            return None
 
 
 def realpath(path) -> str:
@@ -292,7 +303,7 @@ def push(loader: str, obj, *, container: bool = False, repo=None, revision=None,
     label, path, data, size = describe_artifact(obj) if not isinstance(obj, tuple) else obj
     frame = LoadFrame(loader, label, path=path, data=data, size=size, repo=repo, revision=revision,
                       container=container, sha256=sha256)
-    frame.entry = entry if entry is not None else sys._getframe(1)
+    frame.entry = entry if entry is not None else frame_at(1)
     telemetry.start_load(frame, parent)
     return frame, _CHAIN.set(parent + (frame,))
 
@@ -562,13 +573,13 @@ def acting_chain():
     see _library_start_up)."""
     c = _CHAIN.get()
     if c:
-        return None if _library_start_up(sys._getframe(1), c[-1].entry) else c
+        return None if _library_start_up(frame_at(1), c[-1].entry) else c
     if not _model_code:
         return None
     found = model_code_frame(2)
     if found is None:
         return None
-    return None if _library_start_up(sys._getframe(1), found[1]) else found[0]
+    return None if _library_start_up(frame_at(1), found[1]) else found[0]
 
 
 # Set by the imports guard: module name -> True when it belongs to a trusted framework (the built-in

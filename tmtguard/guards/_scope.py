@@ -24,6 +24,7 @@ _lazy = provenance._lazy
 _model_code = provenance._model_code  # never rebound by provenance
 
 _OWN_DIR = provenance._OWN_DIR
+_frame_at = provenance.frame_at
 _IMPORT_MACHINERY = ("<frozen importlib", "<frozen zipimport")
 
 
@@ -68,10 +69,7 @@ def tamper_check() -> None:
 def frame(depth: int):
     """sys._getframe(depth) of the caller, or None when the stack is not that deep (the interpreter
     itself compiling the main program or a traceback line, with no Python frame at all)."""
-    try:
-        return sys._getframe(depth + 1)
-    except ValueError:
-        return None
+    return _frame_at(depth + 1)
 
 
 def caller(depth: int):

@@ -24,7 +24,6 @@ them. The ``exec`` event of a module body run by the import machinery goes to th
 from __future__ import annotations
 
 import os
-import sys
 
 from .. import decision, provenance
 from ..decision import CodeViolation
@@ -38,7 +37,7 @@ _lazy = _scope._lazy
 _model_code = _scope._model_code
 _wide = _scope.wide
 
-_getframe = sys._getframe
+_getframe = provenance.frame_at  # None, not ValueError, when the stack is not that deep
 _OWN_DIR = _scope._OWN_DIR
 _PICKLE_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pickle.py")
 

@@ -124,10 +124,9 @@ def _check(path, write: bool, operation: str) -> None:
             path = os.fsdecode(path)
         except TypeError:
             return
-    try:
-        f = _getframe(3)  # 0 here, 1 the event handler, 2 the audit hook's frame, 3 the caller
-    except ValueError:
-        f = None  # the interpreter itself, with no Python frame
+    # 0 here, 1 the event handler, 2 the audit hook's frame, 3 the caller (None: the interpreter
+    # itself, with no Python frame)
+    f = _getframe(3)
     if path.endswith(_IMPORT_SUFFIXES) and _scope.in_import_machinery(f):
         return  # before the stack walk below: the import guard decides what gets imported
     try:
@@ -163,7 +162,7 @@ def _check(path, write: bool, operation: str) -> None:
 
 
 _realpath = provenance.realpath
-_getframe = sys._getframe
+_getframe = provenance.frame_at
 
 
 def _decide(given: str, real: str, secret, write: bool, operation: str, chain) -> None:
