@@ -627,6 +627,48 @@ fast_realpath(PyObject *module, PyObject *arg)
     return PyUnicode_DecodeFSDefault(buf);
 }
 
+/* stat_key(path or fd) -> (st_dev, st_ino, st_size, st_mtime_ns) of stat(2) / fstat(2): what
+ * provenance.file_digest files a digest under, checked on every lookup. os.stat builds a 19-field
+ * stat_result (float times, nanosecond times by big-int arithmetic) for the four numbers. OSError as
+ * os.stat raises it. */
+static PyObject *
+fast_stat_key(PyObject *module, PyObject *arg)
+{
+    UNUSED(module);
+    struct stat st;
+    int rc;
+    if (PyLong_Check(arg)) {
+        int fd = _PyLong_AsInt(arg);
+        if (fd == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        rc = fstat(fd, &st);
+        Py_END_ALLOW_THREADS
+        if (rc != 0) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    else {
+        PyObject *bytes = NULL;
+        if (!PyUnicode_FSConverter(arg, &bytes)) {
+            return NULL;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        rc = stat(PyBytes_AS_STRING(bytes), &st);
+        Py_END_ALLOW_THREADS
+        if (rc != 0) {
+            PyObject *err = PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+            Py_DECREF(bytes);
+            return err;
+        }
+        Py_DECREF(bytes);
+    }
+    long long mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + (long long)st.st_mtim.tv_nsec;
+    return Py_BuildValue("(KKLL)", (unsigned long long)st.st_dev, (unsigned long long)st.st_ino,
+                         (long long)st.st_size, mtime_ns);
+}
+
 /* --- stack walks ----------------------------------------------------------------------------------
  *
  * The guards' per-decision stack walks (provenance.model_code_frame, _library_start_up, the lazy
@@ -743,6 +785,20 @@ fast_getframe(PyObject *module, PyObject *arg)
         Py_RETURN_NONE;
     }
     return (PyObject *)f;
+}
+
+/* code_of(frame) -> frame.f_code, without the object.__getattr__ audit event that reading f_code
+ * from Python raises on 3.11 (CPython builds its arguments, a new "f_code" str among them, for every
+ * hook): the guards read the code of a few frames in every decision. */
+static PyObject *
+fast_code_of(PyObject *module, PyObject *arg)
+{
+    UNUSED(module);
+    if (!PyFrame_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "code_of(frame)");
+        return NULL;
+    }
+    return (PyObject *)PyFrame_GetCode((PyFrameObject *)arg);
 }
 
 /* set_by_code(): from now on, frames are also matched on co_filename and id(f_code) (code objects
@@ -1092,6 +1148,10 @@ static PyMethodDef methods[] = {
      "generation() -> a number every register/unregister changes (the tamper guard's quick check)"},
     {"set_by_code", (PyCFunction)fast_set_by_code, METH_NOARGS,
      "set_by_code(): the scope test also matches frames on co_filename and id(f_code) from now on"},
+    {"stat_key", (PyCFunction)fast_stat_key, METH_O,
+     "stat_key(path or fd) -> (st_dev, st_ino, st_size, st_mtime_ns) of stat(2) / fstat(2)"},
+    {"code_of", (PyCFunction)fast_code_of, METH_O,
+     "code_of(frame) -> frame.f_code (no audit event)"},
     {"getframe", (PyCFunction)fast_getframe, METH_O,
      "getframe(depth) -> sys._getframe(depth), or None when the stack is not that deep (no audit event)"},
     {"model_frame", (PyCFunction)(void (*)(void))fast_model_frame, METH_FASTCALL,

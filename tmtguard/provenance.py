@@ -23,6 +23,8 @@ try:  # the C library's realpath(3) and the stack walks in C, where tmtguard's e
     # event (CPython builds its arguments and calls every hook for each call: the guards ask for frames
     # tens of times a load)
     from ._auditfast import getframe as frame_at
+    # frame.f_code, without the object.__getattr__ audit event reading it from Python raises on 3.11
+    from ._auditfast import code_of
 except ImportError:
     _c_realpath = _c_model_frame = _c_frames_of = _c_start_up = _c_set_by_code = None
 
@@ -32,6 +34,10 @@ except ImportError:
             return sys._getframe(depth + 1)
         except ValueError:
             return None
+
+    def code_of(frame):
+        """frame.f_code"""
+        return frame.f_code
 
 
 def realpath(path) -> str:
@@ -139,9 +145,16 @@ class LoadFrame:
         return f"LoadFrame({self.loader!r}, {self.artifact!r})"
 
 
-def _stat_key(path: str):
-    st = os.stat(path)
+def _stat_key(path):
+    """(st_dev, st_ino, st_size, st_mtime_ns) of a path or an open file descriptor."""
+    st = os.stat(path) if not isinstance(path, int) else _unpatched.os_fstat(path)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+try:  # the same four numbers from C, without building a stat_result (file_digest asks per lookup)
+    from ._auditfast import stat_key as _stat_key  # noqa: F811
+except ImportError:
+    pass
 
 
 def _cached_file_digest(path: str) -> str | None:
@@ -167,12 +180,12 @@ def file_digest(path: str) -> str | None:
             return None
         try:
             # filed under the key of what was read (the file may have been replaced since the stat)
-            st = _unpatched.os_fstat(fd)
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            key = _stat_key(fd)
+            size = key[2]
             # a small file in one read(2) of its size (+1 to see the end); a large one by the MiB (a
             # 1 MiB buffer per read of a small file costs an mmap/munmap pair)
-            small = st.st_size < (1 << 20)
-            want = st.st_size + 1 if small else (1 << 20)
+            small = size < (1 << 20)
+            want = size + 1 if small else (1 << 20)
             while True:
                 block = _unpatched.os_read(fd, want)
                 if not block:
@@ -471,24 +484,29 @@ class _Registered:
 _registered = _Registered()
 
 
-def register_model_code(filename: str, chain: tuple) -> None:
+def register_model_code(filename: str, chain: tuple, real: str | None = None) -> None:
     """Code in ``filename`` came from an artifact: actions it takes, now or at inference, carry ``chain``.
     For a real file outside the interpreter's installation, its folder becomes a model-code folder
-    (its sibling modules, imported from it, are model code as well)."""
+    (its sibling modules, imported from it, are model code as well). ``real``: the file's real path,
+    when the caller has just resolved it and checked that it is a file (the remote-code guard, which
+    hashed it)."""
     chain = tuple(chain)
     _model_code[filename] = chain
     if os.path.isabs(filename) and not filename.startswith("<"):
-        real = realpath(filename)
+        known = real is not None
+        if not known:
+            real = realpath(filename)
         if real != filename:
             _model_code[real] = chain
         folder = os.path.dirname(real)
-        if os.path.isfile(real) and not _installation_path(folder):
-            register_model_folder(folder, chain)
+        if (known or os.path.isfile(real)) and not _installation_path(folder):
+            register_model_folder(folder, chain, resolved=True)
 
 
-def register_model_folder(folder: str, chain: tuple) -> None:
-    """Everything under ``folder`` came from an artifact (a torch hub folder, a remote-code snapshot)."""
-    real = realpath(folder).rstrip(os.sep) + os.sep
+def register_model_folder(folder: str, chain: tuple, resolved: bool = False) -> None:
+    """Everything under ``folder`` came from an artifact (a torch hub folder, a remote-code snapshot).
+    ``resolved``: ``folder`` is a real path already."""
+    real = (folder if resolved else realpath(folder)).rstrip(os.sep) + os.sep
     if real == os.sep or _installation_path(real):
         return  # never the filesystem root, the stdlib or site-packages
     if real not in _model_folders:

@@ -25,6 +25,7 @@ _model_code = provenance._model_code  # never rebound by provenance
 
 _OWN_DIR = provenance._OWN_DIR
 _frame_at = provenance.frame_at
+_code_of = provenance.code_of
 _IMPORT_MACHINERY = ("<frozen importlib", "<frozen zipimport")
 
 
@@ -76,13 +77,13 @@ def caller(depth: int):
     """The frame that performed the intercepted call, ``depth`` frames above the caller of this
     function, stepping over tmtguard's own frames (the audit hook, a patch's wrapper)."""
     f = frame(depth + 1)
-    while f is not None and f.f_code.co_filename.startswith(_OWN_DIR):
+    while f is not None and _code_of(f).co_filename.startswith(_OWN_DIR):
         f = f.f_back
     return f
 
 
 def in_import_machinery(frame) -> bool:
-    return frame is not None and frame.f_code.co_filename.startswith(_IMPORT_MACHINERY)
+    return frame is not None and _code_of(frame).co_filename.startswith(_IMPORT_MACHINERY)
 
 
 def is_model_code(frame) -> bool:
@@ -92,7 +93,7 @@ def is_model_code(frame) -> bool:
             return True
     except TypeError:
         pass
-    code = frame.f_code
+    code = _code_of(frame)
     return code.co_filename in _model_code or id(code) in _model_code
 
 

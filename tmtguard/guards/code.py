@@ -38,6 +38,7 @@ _model_code = _scope._model_code
 _wide = _scope.wide
 
 _getframe = provenance.frame_at  # None, not ValueError, when the stack is not that deep
+_code_of = provenance.code_of  # frame.f_code without an audit event
 _OWN_DIR = _scope._OWN_DIR
 _PICKLE_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pickle.py")
 
@@ -47,7 +48,7 @@ def _on_compile(args):
         return
     try:  # a code generator every chain may use (typing, dataclasses) calling compile() itself
         f = _getframe(2)  # 0 here, 1 the audit hook's frame, 2 the caller of compile()
-        if f.f_globals.get("__name__") in _policy.code_exact and not f.f_code.co_filename.startswith(_OWN_DIR):
+        if f.f_globals.get("__name__") in _policy.code_exact and not _code_of(f).co_filename.startswith(_OWN_DIR):
             return
     except (ValueError, AttributeError, TypeError):
         pass
@@ -91,7 +92,7 @@ def _on_exec(args):
     # code the unpickler itself runs (a REDUCE of exec), or that model code runs. Not what a framework
     # executes inside a load (torch.fx's generated forward): that is the framework's code, and
     # registering it would make every later stack walk look at code objects.
-    if f.f_code.co_filename == _PICKLE_GUARD or f.f_globals.get("__name__") == "pickle" or _scope.is_model_code(f):
+    if _code_of(f).co_filename == _PICKLE_GUARD or f.f_globals.get("__name__") == "pickle" or _scope.is_model_code(f):
         _adopt(code)
 
 
@@ -156,12 +157,12 @@ def _executing_module(f) -> bool:
     generates code at import): the import was the decision, the library's start-up is its own.
     Model code calling importlib's helpers itself is not this."""
     while f is not None and _scope.in_import_machinery(f):
-        if f.f_code.co_name == "exec_module":
+        if _code_of(f).co_name == "exec_module":
             return True
         f = f.f_back
     # stop at model code, and at tmtguard's own load wrappers (an import above the load is not this)
-    while f is not None and not _scope.is_model_code(f) and not f.f_code.co_filename.startswith(_scope._OWN_DIR):
-        if f.f_code.co_name == "exec_module" and _scope.in_import_machinery(f):
+    while f is not None and not _scope.is_model_code(f) and not _code_of(f).co_filename.startswith(_scope._OWN_DIR):
+        if _code_of(f).co_name == "exec_module" and _scope.in_import_machinery(f):
             return True
         f = f.f_back
     return False
@@ -170,8 +171,8 @@ def _executing_module(f) -> bool:
 def _generator(f) -> str:
     """The module that asked for new code: ``pickle`` when the unpickler did (a REDUCE calling
     ``marshal.loads`` comes straight from C, under tmtguard's pickle entry points)."""
-    while f is not None and f.f_code.co_filename.startswith(_scope._OWN_DIR):
-        if f.f_code.co_filename == _PICKLE_GUARD:
+    while f is not None and _code_of(f).co_filename.startswith(_scope._OWN_DIR):
+        if _code_of(f).co_filename == _PICKLE_GUARD:
             return "pickle"
         f = f.f_back
     if f is None:

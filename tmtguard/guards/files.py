@@ -272,9 +272,9 @@ def _framework_cache_write(real: str, f) -> bool:
         return False
     if provenance.model_code_frame(1) is not None:
         return False
-    while f is not None and provenance._stdlib_file(f.f_code.co_filename):
+    while f is not None and provenance._stdlib_file(provenance.code_of(f).co_filename):
         f = f.f_back
-    return f is not None and _scope.installed(f.f_code.co_filename)
+    return f is not None and _scope.installed(provenance.code_of(f).co_filename)
 
 
 def _folder_of(frame) -> str | None:

@@ -43,6 +43,7 @@ _chain = _scope._chain
 _lazy = _scope._lazy
 _model_code = _scope._model_code
 _wide = _scope.wide
+_code_of = provenance.code_of  # frame.f_code without an audit event
 
 
 class ImportGuard:
@@ -63,7 +64,7 @@ finder = ImportGuard()
 def _decide(name, path, target):
     if not _on or getattr(_tls, "busy", False):
         return None
-    if target is None and not _importing(sys._getframe(2)):
+    if target is None and not _importing(provenance.frame_at(2)):
         return None  # importlib.util.find_spec probing: nothing runs (exec_module is decided later)
     chain = _scope.checked_chain()
     if chain is None:
@@ -97,7 +98,7 @@ def _decide(name, path, target):
 def _importing(f) -> bool:
     """True when the import machinery above is importing (not only finding) a module."""
     while f is not None and _scope.in_import_machinery(f):
-        if f.f_code.co_name in ("_find_and_load_unlocked", "_find_and_load"):
+        if _code_of(f).co_name in ("_find_and_load_unlocked", "_find_and_load"):
             return True
         f = f.f_back
     return False
@@ -154,14 +155,14 @@ def _allowed(name: str, spec, chain) -> bool:
 def _resolving_pickle_global() -> bool:
     """An unpickler importing the module of a global: the pickle guard decided that exact global
     (``pickle.allow`` names it) before the import, on the ``pickle.find_class`` event."""
-    f = sys._getframe(2)
-    while f is not None and (f.f_code.co_filename in _OWN_FILES or _scope.in_import_machinery(f)):
+    f = provenance.frame_at(2)
+    while f is not None and (_code_of(f).co_filename in _OWN_FILES or _scope.in_import_machinery(f)):
         f = f.f_back
     if f is None:
         return False
-    if f.f_code.co_filename == _PICKLE_GUARD:
+    if _code_of(f).co_filename == _PICKLE_GUARD:
         return True  # the C unpickler's find_class, under tmtguard's pickle entry points
-    if f.f_code.co_name == "find_class":
+    if _code_of(f).co_name == "find_class":
         unpickler = f.f_locals.get("self")
         return isinstance(unpickler, (_unpatched.c_Unpickler, _unpatched.pickle_py_Unpickler))
     return False
@@ -209,9 +210,9 @@ def _take_decided(name: str) -> bool:
 def requester():
     """The frame that asked for the import: the innermost one outside tmtguard's guards, the import
     machinery and the standard library (``importlib.import_module``, ``pkgutil`` import for someone)."""
-    f = sys._getframe(1)
+    f = provenance.frame_at(1)
     while f is not None:
-        filename = f.f_code.co_filename
+        filename = _code_of(f).co_filename
         if filename.startswith(_scope._OWN_DIR):
             if not filename.startswith(_GUARDS_DIR):
                 return f  # tmtguard's own work (its telemetry importing opentelemetry)
@@ -232,7 +233,7 @@ def _dependency_of_requester(name: str) -> bool:
     f = requester()
     if f is None:
         return False
-    filename = f.f_code.co_filename
+    filename = _code_of(f).co_filename
     if filename.startswith(_scope._OWN_DIR):
         return True
     if _scope.is_model_code(f) or not _scope.installed(filename):

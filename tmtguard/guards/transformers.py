@@ -343,21 +343,24 @@ def _get_class_in_module(original):
             return original(class_name, module_path, *args, **kwargs)
         load = _LOAD.get()
         copy = os.path.join(_modules_cache(), os.fspath(module_path))
-        main = _decided.get(provenance.realpath(copy))
+        real = provenance.realpath(copy)
+        main = _decided.get(real)
         head = _head_spec(load, main.code if main else None)
         with _Pushed(head):
             outer = provenance.peek()
             try:
-                files = _plan(copy, main, outer, load.packages if load is not None else None)
+                files = _plan(copy, real, main, outer, load.packages if load is not None else None)
             except decision.Violation:
                 raise
             except Exception as exc:
                 decision.failed(ACTION, copy, exc)
                 files = []
-            for name, rec in files:
+            for name, rec, file_real in files:
                 chain = outer + (_frame(_code_spec(rec.code, rec.digest)),)
+                # the real path was resolved and the file hashed (equal to its decided digest) in _plan
+                verified = file_real if rec.digest is not None else None
                 for alias in dict.fromkeys(name):  # the names it runs under, once each
-                    provenance.register_model_code(alias, chain)
+                    provenance.register_model_code(alias, chain, verified)
             spec = _code_spec(main.code, main.digest) if main else ("remote_code", copy, copy, None, None, None)
             with _Pushed(spec):
                 cls = original(class_name, module_path, *args, **kwargs)
@@ -370,10 +373,10 @@ def _get_class_in_module(original):
     return get_class_in_module
 
 
-def _plan(copy: str, main: _Record | None, outer: tuple, packages: set | None = None) -> list:
-    """Right before exec: decide the copy and every file it imports relatively; returns
-    [((names the file runs under...), _Record)] to register as model code. ``packages``: the load's
-    set of package folders already checked (see _modified)."""
+def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: set | None = None) -> list:
+    """Right before exec: decide the copy (``real``: its real path) and every file it imports
+    relatively; returns [((names the file runs under...), _Record, real path)] to register as model
+    code. ``packages``: the load's set of package folders already checked (see _modified)."""
     base = _modules_cache()
     modpath = (str(Path(copy)), os.path.abspath(copy))  # as get_class_in_module names it, and absolute
     if main is None:
@@ -383,20 +386,20 @@ def _plan(copy: str, main: _Record | None, outer: tuple, packages: set | None = 
                         "never decided it (get_class_in_module called directly)",
                         chain=outer + (_frame(("remote_code", copy, copy, None, None, None)),),
                         violation=RemoteCodeViolation, detail={"copy": copy})
-        return [((*modpath, copy), _Record(code, None))]
+        return [((*modpath, copy), _Record(code, None), real)]
     with provenance.internal():
         copy_digest = provenance.file_digest(copy)
     if copy_digest != main.digest:
         _tampered(main.code, main.digest, copy, copy_digest, outer + (_frame(_code_spec(main.code, main.digest)),))
-    files = [((*modpath, copy), main)]
+    files = [((*modpath, copy), main, real)]
     folder = os.path.dirname(copy)
     with provenance.internal():
         related = sys.modules[DMU].get_relative_import_files(copy)
     for rel_copy in related:
-        real = provenance.realpath(rel_copy)
+        rel_real = provenance.realpath(rel_copy)
         name = os.path.relpath(rel_copy, folder).replace(os.sep, "/")
         file = posixpath.normpath(posixpath.join(posixpath.dirname(main.code.file), name))
-        rec = _decided.get(real)
+        rec = _decided.get(rel_real)
         if rec is None or rec.code.file != file or rec.code.repo != main.code.repo:
             snapshot = os.path.join(main.code.root, *file.split("/"))
             code = remote_code.CodeFile(main.code.repo, main.code.revision, file, snapshot, main.code.local)
@@ -408,10 +411,10 @@ def _plan(copy: str, main: _Record | None, outer: tuple, packages: set | None = 
             rel_digest = provenance.file_digest(rel_copy)
         if rel_digest != rec.digest:
             _tampered(rec.code, rec.digest, rel_copy, rel_digest, outer + (_frame(_code_spec(rec.code, rec.digest)),))
-        _decided[real] = rec
-        files.append(((rel_copy, os.path.abspath(rel_copy)), rec))
+        _decided[rel_real] = rec
+        files.append(((rel_copy, os.path.abspath(rel_copy)), rec, rel_real))
     by_folder: dict = {}
-    for names, rec in files:
+    for names, rec, _real in files:
         by_folder.setdefault(os.path.dirname(names[-1]), []).append((os.path.basename(names[-1]), rec))
     for where, group in by_folder.items():
         problem = _modified(where, group, base, packages)
@@ -436,6 +439,7 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None) 
             entries = set(os.listdir(folder))
         except OSError as exc:
             return f"cannot list {folder}: {exc.strerror}"
+        real_folder = provenance.realpath(folder)
         names = {name for name, _ in group}
         stems = {name[:-3] for name in names if name.endswith(".py")}
         for stem in sorted(stems):
@@ -464,7 +468,8 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None) 
                 continue
             path = os.path.join(folder, name)
             file = posixpath.join(inside, name) if inside else name
-            rec = _decided.get(provenance.realpath(path))
+            # keyed by its real path when it is no link itself (else a miss: compared with the snapshot)
+            rec = _decided.get(os.path.join(real_folder, name))
             if rec is not None and rec.code.repo == code.repo and rec.code.file == file and rec.digest:
                 if provenance.file_digest(path) == rec.digest:
                     continue  # a copy decided before, unchanged since
@@ -472,7 +477,7 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None) 
             if not os.path.isfile(snapshot) or provenance.file_digest(path) != provenance.file_digest(snapshot):
                 return f"{path} is not a copy of {snapshot}"
         root = provenance.realpath(base)
-        d = real = provenance.realpath(folder)
+        d = real = real_folder
         while d.startswith(root + os.sep):
             if d != real and packages is not None and d in packages:
                 d = os.path.dirname(d)
