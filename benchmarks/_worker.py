@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -127,18 +128,23 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         gc.freeze()
         times: list[float] = []
+        cpu: list[tuple[float, float]] = []  # (user, system) CPU seconds of the whole process, per repetition
         spent = 0.0
         min_reps = min(a.reps, 2 if result["warmup_s"] > a.time_cap else MIN_REPS)
         for i in range(a.reps):
             if i >= min_reps and spent >= a.time_cap:
                 break
             gc.collect()
+            c0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
+            c1 = resource.getrusage(resource.RUSAGE_SELF)
             times.append(dt)
+            cpu.append((c1.ru_utime - c0.ru_utime, c1.ru_stime - c0.ru_stime))
             spent += dt
         result["times_s"] = times
+        result["cpu_s"] = cpu
         result["ok"] = True
     except BaseException as exc:  # report everything, including a guard's refusal
         result["error"] = f"{stage} failed: {type(exc).__name__}: {exc}"
