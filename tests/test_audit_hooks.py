@@ -81,3 +81,54 @@ def test_an_event_registered_later_reaches_its_handler_past_the_prefix_filter():
         _audit.unregister("zq.tmtguard-test")
     sys.audit("zq.tmtguard-test", 4)
     assert calls == [(1,)]
+
+
+def test_trusted_callers_are_settled_in_c_unless_they_are_model_code(tmp_path):
+    """register(..., callers=): an event raised by code of a listed module does not reach the handler
+    (the code guard lets compile()/exec() by typing or dataclasses through that way), but code of any
+    other module does, and so does model code that names itself after a listed module."""
+    pytest.importorskip("tmtguard._auditfast")
+    from tmtguard import provenance
+    from tmtguard.guards import _audit
+
+    def raiser(module_name: str, filename: str):
+        ns = {"__name__": module_name, "__file__": filename, "sys": sys}
+        exec(compile("def fire(n):\n    sys.audit('zq.callers-test', n)\n", filename, "exec"), ns)
+        return ns["fire"]
+
+    trusted = raiser("tmt_trusted_generator", str(tmp_path / "gen.py"))
+    other = raiser("tmt_other_module", str(tmp_path / "other.py"))
+    posing = raiser("tmt_trusted_generator", str(tmp_path / "model.py"))
+    calls = []
+    _audit.register("zq.callers-test", calls.append, callers=frozenset({"tmt_trusted_generator"}))
+    provenance._model_code[str(tmp_path / "model.py")] = ()
+    try:
+        trusted(1)
+        other(2)
+        posing(3)
+    finally:
+        _audit.unregister("zq.callers-test")
+        provenance._model_code.pop(str(tmp_path / "model.py"), None)
+    assert calls == [(2,), (3,)]
+
+
+def test_model_code_naming_itself_typing_still_has_what_it_executes_adopted(guard, tmp_path, marker):
+    """Model code that renames its module "typing" (a code generator every chain may use) is still
+    model code for the C hook: the function its exec() defines is model code when it runs later,
+    outside any model frame, and its write is refused."""
+    import payloads as P
+    import tmtguard
+
+    src = f"def later():\n    open({str(marker)!r}, 'w').write('x')\n"
+    folder = P.hub_folder(tmp_path, f"""
+        globals()["__name__"] = "typing"
+        ns = {{"__builtins__": __builtins__}}
+        exec(compile({src!r}, "<generated>", "exec"), ns)
+        self.later = ns["later"]
+    """)
+    guard()
+    model = P.load_hub(folder)
+    P.infer(model)
+    with pytest.raises(tmtguard.FileViolation):
+        model.later()
+    assert not marker.exists()

@@ -32,6 +32,8 @@ typedef struct {
     PyObject *allowed;   /* a frozenset of argument tuples the hook lets through itself, or NULL */
     PyObject *handler;   /* the guard's handler, or NULL when unregistered */
     int scope;           /* SCOPE_*: when the handler can act at all (a pre-filter of its own test) */
+    PyObject *callers;   /* a frozenset of module names whose own calls the handler lets through, or NULL */
+    PyObject *own;       /* ... unless the calling code's file starts with this (tmtguard's folder), or NULL */
 } entry_t;
 
 /* A handler registered with a scope returns at once unless a guarded load is on the chain (the
@@ -57,6 +59,8 @@ static int wide_on = 0;               /* TMTGUARD_PROCESS_WIDE */
 static int net_wide_on = 0;           /* network.process_wide */
 
 static int model_code_on_stack(void);
+static PyObject *str_name;   /* "__name__" (defined with the stack walks below) */
+static int trusted_caller(entry_t *e);
 
 /* 1 when the handler must run, 0 when it would return at once, -1 (no error set) when unsure.
  * The handlers' own test, made here: a guarded load on the chain, or (model code exists in the
@@ -171,6 +175,9 @@ hook(const char *event, PyObject *args, void *userData)
     if (e->scope != SCOPE_ALWAYS && in_scope(e->scope) == 0) {
         return 0;
     }
+    if (e->callers != NULL && trusted_caller(e) == 1) {
+        return 0;
+    }
     if (e->allowed != NULL && args != NULL) {
         int found = PySet_Contains(e->allowed, args);
         if (found == 1) {
@@ -256,13 +263,19 @@ static PyObject *
 fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     UNUSED(module);
-    if (nargs != 3 && nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "register(event, handler, allowed[, scope])");
+    if (nargs < 3 || nargs > 6) {
+        PyErr_SetString(PyExc_TypeError, "register(event, handler, allowed[, scope[, callers, own]])");
+        return NULL;
+    }
+    PyObject *callers = nargs > 4 && args[4] != Py_None ? args[4] : NULL;
+    PyObject *own = nargs > 5 && args[5] != Py_None ? args[5] : NULL;
+    if ((callers != NULL && !PyFrozenSet_Check(callers)) || (own != NULL && !PyUnicode_Check(own))) {
+        PyErr_SetString(PyExc_TypeError, "callers must be a frozenset or None, own a str or None");
         return NULL;
     }
     PyObject *pyname = args[0], *handler = args[1], *allowed = args[2];
     int scope = SCOPE_ALWAYS;
-    if (nargs == 4) {
+    if (nargs >= 4) {
         long v = PyLong_AsLong(args[3]);
         if (v == -1 && PyErr_Occurred()) {
             return NULL;
@@ -314,6 +327,8 @@ fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         e->allowed = NULL;
         e->handler = NULL;
         e->scope = SCOPE_ALWAYS;
+        e->callers = NULL;
+        e->own = NULL;
         index_entry(n_entries);
         n_entries++;
     }
@@ -325,12 +340,18 @@ fast_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_INCREF(handler);
     /* Old references go only after the new ones are in place: a hook running on another thread
      * sees either the old pair or the new one. */
-    PyObject *old_allowed = e->allowed, *old_handler = e->handler;
+    Py_XINCREF(callers);
+    Py_XINCREF(own);
+    PyObject *old_allowed = e->allowed, *old_handler = e->handler, *old_callers = e->callers, *old_own = e->own;
     e->allowed = allowed;
     e->handler = handler;
     e->scope = scope;
+    e->callers = callers;
+    e->own = own;
     Py_XDECREF(old_allowed);
     Py_XDECREF(old_handler);
+    Py_XDECREF(old_callers);
+    Py_XDECREF(old_own);
     Py_RETURN_NONE;
 }
 
@@ -749,6 +770,49 @@ registered(PyObject *registry, PyFrameObject *f, int by_code, int by_file)
 }
 
 static int by_code = 0;   /* code objects are registered by id(): walks also look at f_code */
+
+/* 1 when the Python frame that raised the event belongs to one of the entry's trusted modules (its
+ * globals' __name__ is in e->callers), is no model code (its module's __file__, its co_filename or its
+ * code object registered) and is not tmtguard's own code: the handler would return at once (the code
+ * guard: compile() and exec() by typing, dataclasses... which every chain may use). 0 otherwise, or
+ * when unsure. */
+static int
+trusted_caller(entry_t *e)
+{
+    if (model_code == NULL || !PyDict_Check(model_code)) {
+        return 0;
+    }
+    PyFrameObject *f = PyEval_GetFrame();   /* borrowed */
+    if (f == NULL) {
+        return 0;
+    }
+    PyObject *name = global_of(f, str_name);
+    if (name == NULL || !PyUnicode_Check(name)) {
+        return 0;
+    }
+    int in = PySet_Contains(e->callers, name);
+    if (in != 1) {
+        if (in < 0) {
+            PyErr_Clear();
+        }
+        return 0;
+    }
+    if (registered(model_code, f, 1, 1) != NULL) {
+        return 0;
+    }
+    if (e->own != NULL) {
+        PyCodeObject *code = PyFrame_GetCode(f);
+        Py_ssize_t own = PyUnicode_Tailmatch(code->co_filename, e->own, 0, PY_SSIZE_T_MAX, -1);
+        Py_DECREF(code);
+        if (own != 0) {
+            if (own < 0) {
+                PyErr_Clear();
+            }
+            return 0;
+        }
+    }
+    return 1;
+}
 
 static int
 model_code_on_stack(void)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import sys
 
+import os
+
 from .. import decision
 from ..decision import Violation
 
@@ -32,7 +34,9 @@ native = _fast is not None
 
 _handlers: dict = {}  # event -> (allowed, handler): what tmtguard registered (tamper re-checks against it)
 _scopes: dict = {}  # event -> scope
+_callers: dict = {}  # event -> frozenset of trusted calling modules (the C hook's pre-filter), or None
 _installed = False
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # tmtguard's own code
 
 # When a handler can act at all: its own first test, which the C hook makes before entering Python.
 ALWAYS = 0  # every event (the pickle guard: every unpickling is checked)
@@ -98,19 +102,23 @@ def _install() -> None:
     _installed = True
 
 
-def register(event: str, handler, allowed: frozenset | None = None, scope: int = ALWAYS) -> None:
+def register(event: str, handler, allowed: frozenset | None = None, scope: int = ALWAYS,
+             callers: frozenset | None = None) -> None:
     """Call ``handler(args)`` for ``event``; when ``allowed`` is given (hashable args only), args in it
     are let through by the hook itself, and with a ``scope`` the C hook skips events the handler's
-    own first test would return from (the Python hook calls the handler, which makes that test)."""
+    own first test would return from (the Python hook calls the handler, which makes that test).
+    ``callers``: module names whose own calls (the frame that raised the event, when it is no model
+    code and not tmtguard's) the handler lets through; the C hook then skips them too."""
     if not _installed:
         _install()
     entry = (allowed, handler)
     if _fast is not None:
-        _fast.register(event, handler, allowed, scope)  # asks the gate itself
+        _fast.register(event, handler, allowed, scope, callers, _OWN_DIR if callers is not None else None)
     else:
         _gate("register")
     _handlers[event] = entry
     _scopes[event] = scope
+    _callers[event] = callers
 
 
 def unregister(event: str) -> None:
@@ -120,6 +128,7 @@ def unregister(event: str) -> None:
         _gate("unregister")
     _handlers.pop(event, None)
     _scopes.pop(event, None)
+    _callers.pop(event, None)
 
 
 def set_wide(kind: int, on: bool) -> None:
@@ -172,5 +181,7 @@ def restore(event: str, entry) -> bool:
         return False
     _handlers[event] = entry
     if _fast is not None:
-        _fast.register(event, entry[1], entry[0], _scopes.get(event, ALWAYS))
+        callers = _callers.get(event)
+        _fast.register(event, entry[1], entry[0], _scopes.get(event, ALWAYS), callers,
+                       _OWN_DIR if callers is not None else None)
     return True

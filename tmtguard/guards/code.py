@@ -195,7 +195,13 @@ def install(policy) -> None:
     _policy = policy
     _scope.configure()
     for event, handler in _EVENTS.items():
-        _audit.register(event, handler, scope=_audit.MODEL if event == "function.__new__" else _audit.WIDE)
+        # compile() and exec() called by a code generator every chain may use (typing evaluating
+        # annotations, dataclasses): _on_compile and _on_exec return at once, so the C hook does not
+        # call them (a remote-code load raises ~24 such events, each a Python call otherwise)
+        # (not "pickle" for exec, even when code.allow names it: what the unpickler executes is adopted)
+        callers = policy.code_exact if event == "compile" else policy.code_exact - {"pickle"} if event == "exec" else None
+        _audit.register(event, handler, scope=_audit.MODEL if event == "function.__new__" else _audit.WIDE,
+                        callers=callers)
     _on = True
 
 
