@@ -132,3 +132,27 @@ def test_model_code_naming_itself_typing_still_has_what_it_executes_adopted(guar
     with pytest.raises(tmtguard.FileViolation):
         model.later()
     assert not marker.exists()
+
+
+def test_own_reads_match_the_os_functions(tmp_path):
+    """read_file and listdir (tmtguard's own reads, without audit events) return what os returns."""
+    fast = pytest.importorskip("tmtguard._auditfast")
+    if not hasattr(fast, "read_file"):
+        pytest.skip("the Python hook is in use (TMTG_TEST_AUDIT_HOOK=python)")
+    import os
+
+    small, empty = tmp_path / "small.py", tmp_path / "empty.py"
+    small.write_bytes(b"x = 1\n" * 100)
+    empty.write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    for path in (small, empty):
+        key, data = fast.read_file(str(path), 1 << 20)
+        st = os.stat(path)
+        assert key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == fast.stat_key(str(path))
+        assert data == path.read_bytes()
+    assert fast.read_file(str(small), 100) is None  # at or over the limit: the caller reads it in blocks
+    assert fast.read_file(str(tmp_path / "sub"), 1 << 20) is None  # not a regular file
+    assert sorted(fast.listdir(str(tmp_path))) == sorted(os.listdir(tmp_path))
+    for call in (lambda: fast.read_file(str(tmp_path / "missing"), 10), lambda: fast.listdir(str(tmp_path / "missing"))):
+        with pytest.raises(FileNotFoundError):
+            call()

@@ -21,6 +21,10 @@
 #include <stdlib.h>
 #include <limits.h>
 #include <sys/stat.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <dirent.h>
+#include <errno.h>
 
 #define UNUSED(x) (void)(x)
 
@@ -690,6 +694,164 @@ fast_stat_key(PyObject *module, PyObject *arg)
                          (long long)st.st_size, mtime_ns);
 }
 
+/* read_file(path, limit) -> (stat_key, bytes) of a regular file smaller than ``limit`` bytes, read
+ * with open(2), fstat(2), read(2) and close(2); None when it is larger (the caller reads it in
+ * blocks). listdir(path) -> [names], as os.listdir. Both for tmtguard's own reads (hashing a code
+ * file, listing the modules cache): os.open and os.listdir raise audit events, and inside a guarded
+ * load each one is a call into the guards' Python handlers, which then stand aside. OSError as the os
+ * functions raise it. */
+static PyObject *
+fast_read_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    UNUSED(module);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "read_file(path, limit)");
+        return NULL;
+    }
+    long long limit = PyLong_AsLongLong(args[1]);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *bytes = NULL;
+    if (!PyUnicode_FSConverter(args[0], &bytes)) {
+        return NULL;
+    }
+    int fd;
+    struct stat st;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    fd = open(PyBytes_AS_STRING(bytes), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        err = errno;
+    }
+    else if (fstat(fd, &st) != 0) {
+        err = errno;
+        close(fd);
+    }
+    Py_END_ALLOW_THREADS
+    if (err != 0) {
+        errno = err;
+        PyObject *r = PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, args[0]);
+        Py_DECREF(bytes);
+        return r;
+    }
+    Py_DECREF(bytes);
+    if (!S_ISREG(st.st_mode) || (long long)st.st_size >= limit) {
+        close(fd);
+        Py_RETURN_NONE;
+    }
+    /* the size fstat(2) saw, +1 to see the end; a file that grew since is read to its end in blocks */
+    Py_ssize_t cap = (Py_ssize_t)st.st_size + 1, used = 0;
+    PyObject *data = PyBytes_FromStringAndSize(NULL, cap);
+    if (data == NULL) {
+        close(fd);
+        return NULL;
+    }
+    for (;;) {
+        if (used == cap) {
+            if (cap >= (Py_ssize_t)limit) {
+                Py_DECREF(data);
+                close(fd);
+                Py_RETURN_NONE;
+            }
+            cap *= 2;
+            if (_PyBytes_Resize(&data, cap) < 0) {
+                close(fd);
+                return NULL;
+            }
+        }
+        ssize_t n;
+        Py_BEGIN_ALLOW_THREADS
+        n = read(fd, PyBytes_AS_STRING(data) + used, (size_t)(cap - used));
+        if (n < 0) {
+            err = errno;
+        }
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (err == EINTR) {
+                if (PyErr_CheckSignals() < 0) {
+                    Py_DECREF(data);
+                    close(fd);
+                    return NULL;
+                }
+                continue;
+            }
+            Py_DECREF(data);
+            close(fd);
+            errno = err;
+            return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, args[0]);
+        }
+        if (n == 0) {
+            break;
+        }
+        used += n;
+    }
+    close(fd);
+    if (_PyBytes_Resize(&data, used) < 0) {
+        return NULL;
+    }
+    long long mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + (long long)st.st_mtim.tv_nsec;
+    PyObject *out = Py_BuildValue("((KKLL)N)", (unsigned long long)st.st_dev, (unsigned long long)st.st_ino,
+                                  (long long)st.st_size, mtime_ns, data);
+    return out;
+}
+
+static PyObject *
+fast_listdir(PyObject *module, PyObject *arg)
+{
+    UNUSED(module);
+    PyObject *bytes = NULL;
+    if (!PyUnicode_FSConverter(arg, &bytes)) {
+        return NULL;
+    }
+    DIR *d;
+    Py_BEGIN_ALLOW_THREADS
+    d = opendir(PyBytes_AS_STRING(bytes));
+    Py_END_ALLOW_THREADS
+    if (d == NULL) {
+        PyObject *r = PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+        Py_DECREF(bytes);
+        return r;
+    }
+    Py_DECREF(bytes);
+    PyObject *names = PyList_New(0);
+    if (names == NULL) {
+        closedir(d);
+        return NULL;
+    }
+    for (;;) {
+        struct dirent *ent;
+        errno = 0;
+        Py_BEGIN_ALLOW_THREADS
+        ent = readdir(d);
+        Py_END_ALLOW_THREADS
+        if (ent == NULL) {
+            if (errno != 0) {
+                int err = errno;
+                closedir(d);
+                Py_DECREF(names);
+                errno = err;
+                return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+            }
+            break;
+        }
+        const char *n = ent->d_name;
+        if (n[0] == '.' && (n[1] == '\0' || (n[1] == '.' && n[2] == '\0'))) {
+            continue;
+        }
+        PyObject *name = PyUnicode_DecodeFSDefault(n);
+        if (name == NULL || PyList_Append(names, name) < 0) {
+            Py_XDECREF(name);
+            closedir(d);
+            Py_DECREF(names);
+            return NULL;
+        }
+        Py_DECREF(name);
+    }
+    closedir(d);
+    return names;
+}
+
 /* --- stack walks ----------------------------------------------------------------------------------
  *
  * The guards' per-decision stack walks (provenance.model_code_frame, _library_start_up, the lazy
@@ -1216,6 +1378,9 @@ static PyMethodDef methods[] = {
      "stat_key(path or fd) -> (st_dev, st_ino, st_size, st_mtime_ns) of stat(2) / fstat(2)"},
     {"code_of", (PyCFunction)fast_code_of, METH_O,
      "code_of(frame) -> frame.f_code (no audit event)"},
+    {"read_file", (PyCFunction)(void (*)(void))fast_read_file, METH_FASTCALL,
+     "read_file(path, limit) -> (stat_key, bytes) of a regular file under limit bytes, or None (no audit event)"},
+    {"listdir", (PyCFunction)fast_listdir, METH_O, "listdir(path) -> os.listdir(path) (no audit event)"},
     {"getframe", (PyCFunction)fast_getframe, METH_O,
      "getframe(depth) -> sys._getframe(depth), or None when the stack is not that deep (no audit event)"},
     {"model_frame", (PyCFunction)(void (*)(void))fast_model_frame, METH_FASTCALL,

@@ -26,3 +26,9 @@ pickle_py_Unpickler = pickle._Unpickler
 c_load = _pickle.load
 c_loads = _pickle.loads
 c_Unpickler = _pickle.Unpickler
+
+try:  # tmtguard's own directory listings without os.listdir's audit event (a call into the file guard
+    # inside a load, which stands aside for tmtguard's own work anyway)
+    from ._auditfast import listdir
+except ImportError:
+    listdir = os.listdir

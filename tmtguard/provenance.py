@@ -156,6 +156,11 @@ try:  # the same four numbers from C, without building a stat_result (file_diges
 except ImportError:
     pass
 
+try:  # a small file's stat key and bytes without os.open's audit event (see read_file in _auditfast.c)
+    from ._auditfast import read_file as _read_small
+except ImportError:
+    _read_small = None
+
 
 def _cached_file_digest(path: str) -> str | None:
     try:
@@ -172,6 +177,17 @@ def file_digest(path: str) -> str | None:
     cached = _digest_cache.get(key)
     if cached is not None:
         return cached
+    if _read_small is not None:
+        try:
+            got = _read_small(path, 1 << 20)
+        except OSError:
+            return None
+        if got is not None:  # filed under the key of what was read (the file may have changed since)
+            key, data = got
+            digest = hashlib.sha256(data).hexdigest()
+            with _digest_lock:
+                _digest_cache[key] = digest
+            return digest
     h = hashlib.sha256()
     with _internal_work():  # one open(2), read(2)s, close(2): no buffered file object
         try:
