@@ -73,57 +73,46 @@ def _python() -> str:
     return os.path.realpath(sys.executable)
 
 
-def count_inprocess(mod, cfg, params: dict, reps: int) -> dict:
+def _run_worker(prefix: list, mod, cfg, params: dict, args: list):
+    """Run benchmarks._worker for one workload and configuration (under ``prefix``: valgrind, or
+    nothing); returns (completed process or None on a timeout, the worker's result dict)."""
     tmp_dirs: list = []
-    fd, out = tempfile.mkstemp(prefix="count-", suffix=".json", dir=CACHE_DIR)
+    fd, out = tempfile.mkstemp(prefix="worker-", suffix=".json", dir=CACHE_DIR)
     os.close(fd)
     os.unlink(out)
-    cmd = [_valgrind(), "--tool=callgrind", "--callgrind-out-file=/dev/null", "--collect-atstart=no",
-           "--toggle-collect=sys_call_tracing*", _python(), "-m", "benchmarks._worker",
-           "--workload", mod.NAME, "--config", cfg.key, "--reps", str(reps), "--count",
-           "--params", json.dumps(params), "--out", out]
+    cmd = prefix + [_python(), "-m", "benchmarks._worker", "--workload", mod.NAME, "--config", cfg.key,
+                    "--params", json.dumps(params), "--out", out] + args
     try:
         p = subprocess.run(cmd, env=workload_env(cfg, params, tmp_dirs), cwd=REPO_ROOT, capture_output=True,
                            text=True, timeout=TIMEOUT_S)
-        res = json.loads(Path(out).read_text()) if os.path.exists(out) else {}
-        m = _COLLECTED.search(p.stderr)
-        if not res.get("ok") or m is None:
-            why = res.get("error") or (p.stderr.strip().splitlines() or ["no output"])[-1]
-            return {"error": why}
-        return {"instructions": int(m.group(1)), "reps": reps, "guard": res.get("guard")}
+        return p, (json.loads(Path(out).read_text()) if os.path.exists(out) else {})
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {TIMEOUT_S} s"}
+        return None, {"error": f"timed out after {TIMEOUT_S} s"}
     finally:
         if os.path.exists(out):
             os.unlink(out)
         for d in tmp_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def count_inprocess(mod, cfg, params: dict, reps: int) -> dict:
+    p, res = _run_worker([_valgrind(), "--tool=callgrind", "--callgrind-out-file=/dev/null", "--collect-atstart=no",
+                          "--toggle-collect=sys_call_tracing*"], mod, cfg, params, ["--reps", str(reps), "--count"])
+    m = _COLLECTED.search(p.stderr) if p is not None else None
+    if not res.get("ok") or m is None:
+        why = res.get("error") or (p.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": why}
+    return {"instructions": int(m.group(1)), "reps": reps, "guard": res.get("guard")}
 
 
 def cpu_split(mod, cfg, params: dict, reps: int) -> dict:
     """User and system CPU seconds per repetition, from a normal (not valgrind) run of the worker:
     how much of a syscall-bound workload's CPU time is user space, the part instructions count."""
-    tmp_dirs: list = []
-    fd, out = tempfile.mkstemp(prefix="split-", suffix=".json", dir=CACHE_DIR)
-    os.close(fd)
-    os.unlink(out)
-    cmd = [sys.executable, "-m", "benchmarks._worker", "--workload", mod.NAME, "--config", cfg.key,
-           "--reps", str(reps), "--time-cap", "60", "--params", json.dumps(params), "--out", out]
-    try:
-        subprocess.run(cmd, env=workload_env(cfg, params, tmp_dirs), cwd=REPO_ROOT, capture_output=True,
-                       text=True, timeout=TIMEOUT_S)
-        res = json.loads(Path(out).read_text()) if os.path.exists(out) else {}
-        cpu = res.get("cpu_s") if res.get("ok") else None
-        if not cpu:
-            return {"error": res.get("error") or "no result"}
-        return {"user": sum(u for u, _ in cpu), "system": sum(s for _, s in cpu), "reps": len(cpu)}
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {TIMEOUT_S} s"}
-    finally:
-        if os.path.exists(out):
-            os.unlink(out)
-        for d in tmp_dirs:
-            shutil.rmtree(d, ignore_errors=True)
+    _p, res = _run_worker([], mod, cfg, params, ["--reps", str(reps), "--time-cap", "60"])
+    cpu = res.get("cpu_s") if res.get("ok") else None
+    if not cpu:
+        return {"error": res.get("error") or "no result"}
+    return {"user": sum(u for u, _ in cpu), "system": sum(s for _, s in cpu), "reps": len(cpu)}
 
 
 SPLIT_ROUNDS = 5

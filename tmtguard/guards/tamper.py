@@ -54,6 +54,7 @@ _guards: list = []  # the guard modules, as sealed
 _handlers: dict = {}  # audit handlers as sealed
 _handlers_snapshot: list = [None]  # _audit.snapshot() when they were last known intact
 _guarded_modules: list = []  # modules whose class we set
+_guarded_ids: set = set()  # id() of each of them (the list keeps them alive): the setattr handler's test
 # Watched modules whose class is left alone: application code reads their attributes on hot paths
 # (os.path, os.fspath, socket.AF_INET), and CPython 3.11 specializes attribute reads only on plain
 # modules: a GuardedModule class made every `os.x` in the process several times slower. Their
@@ -117,7 +118,7 @@ def _protected(owner, name: str) -> bool:
         # Only the modules tmtguard guards (and its state). importlib builds every new module as
         # type(sys)(name), so all of them share sys's guarded class: a library swapping the class of
         # its own module (torch's config modules do) is not tampering.
-        return owner is decision.state or any(owner is m for m in _guarded_modules)
+        return owner is decision.state or id(owner) in _guarded_ids
     modname = getattr(owner, "__name__", "") if isinstance(owner, types.ModuleType) else ""
     if modname == "tmtguard" or modname.startswith("tmtguard."):
         return True
@@ -210,7 +211,7 @@ def _on_object_setattr(args):
     if not _on or _lazy.internal or not isinstance(name, str):
         return
     # identity, not ==: a module class of someone else's (torch's ConfigModule) may define __eq__
-    guarded = owner is decision.state or any(owner is m for m in _guarded_modules)
+    guarded = owner is decision.state or id(owner) in _guarded_ids
     if guarded and _protected(owner, name) and acting() is not None:
         refuse(f"{getattr(owner, '__name__', type(owner).__name__)}.{name}",
                f"tried object.__setattr__ on {name!r} of a module tmtguard guards")
@@ -466,6 +467,8 @@ def _seal() -> None:
             continue
         if type(module) is types.ModuleType:
             (_plain_modules if name in UNPINNED else _guarded_modules).append(module)
+            if name not in UNPINNED:
+                _guarded_ids.add(id(module))
     for module in _guarded_modules:
         if module is sys or module.__name__.startswith("tmtguard"):
             if type(module) is types.ModuleType:
@@ -516,6 +519,7 @@ def uninstall() -> None:
     _on = False
     for event in _EVENTS:
         _audit.unregister(event)
+    _guarded_ids.clear()
     while _guarded_modules:
         module = _guarded_modules.pop()
         if isinstance(module, GuardedModule):
