@@ -153,6 +153,7 @@ def test_own_reads_match_the_os_functions(tmp_path):
     assert fast.read_file(str(small), 100) is None  # at or over the limit: the caller reads it in blocks
     assert fast.read_file(str(tmp_path / "sub"), 1 << 20) is None  # not a regular file
     assert sorted(fast.listdir(str(tmp_path))) == sorted(os.listdir(tmp_path))
+    assert fast.listdir(str(tmp_path), "sma") == ["small.py"] and fast.listdir(str(tmp_path), "zz") == []
     for call in (lambda: fast.read_file(str(tmp_path / "missing"), 10), lambda: fast.listdir(str(tmp_path / "missing"))):
         with pytest.raises(FileNotFoundError):
             call()

@@ -528,7 +528,7 @@ fast_identical(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * while stat(2) of the folder still finds the same directory (a component swapped for a link to
  * another directory changes that), so a resolution costs stat(2) + lstat(2) instead of a readlink(2)
  * per component. */
-static PyObject *dir_cache = NULL;   /* folder (str) -> (real folder, st_dev, st_ino) */
+static PyObject *dir_cache = NULL;   /* folder (bytes) -> (real folder, st_dev, st_ino) */
 #define DIR_CACHE_MAX 4096
 
 static int
@@ -569,7 +569,7 @@ cached_realpath(const char *p, size_t n)   /* new ref, NULL with no error set: n
         PyErr_Clear();
         return NULL;
     }
-    PyObject *key = PyUnicode_DecodeFSDefaultAndSize(dir, (Py_ssize_t)dlen);
+    PyObject *key = PyBytes_FromStringAndSize(dir, (Py_ssize_t)dlen);
     if (key == NULL) {
         PyErr_Clear();
         return NULL;
@@ -607,14 +607,15 @@ cached_realpath(const char *p, size_t n)   /* new ref, NULL with no error set: n
         Py_XDECREF(value);
     }
     Py_DECREF(key);
-    PyObject *name = PyUnicode_DecodeFSDefaultAndSize(slash + 1, (Py_ssize_t)(n - dlen - 1));
+    /* "/name", joined to the real folder (the root folder "/" takes the name alone) */
+    PyObject *name = PyUnicode_DecodeFSDefaultAndSize(slash + (PyUnicode_GET_LENGTH(real) == 1),
+                                                      (Py_ssize_t)(n - dlen - (PyUnicode_GET_LENGTH(real) == 1)));
     if (name == NULL) {
         PyErr_Clear();
         Py_DECREF(real);
         return NULL;
     }
-    PyObject *out = PyUnicode_GET_LENGTH(real) == 1   /* the root folder */
-        ? PyUnicode_FromFormat("/%U", name) : PyUnicode_FromFormat("%U/%U", real, name);
+    PyObject *out = PyUnicode_Concat(real, name);
     Py_DECREF(real);
     Py_DECREF(name);
     if (out == NULL) {
@@ -797,9 +798,27 @@ fast_read_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-fast_listdir(PyObject *module, PyObject *arg)
+fast_listdir(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     UNUSED(module);
+    if (nargs != 1 && nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "listdir(path[, prefix])");
+        return NULL;
+    }
+    PyObject *arg = args[0];
+    const char *prefix = NULL;
+    size_t plen = 0;
+    if (nargs == 2 && args[1] != Py_None) {
+        Py_ssize_t len;
+        prefix = PyUnicode_Check(args[1]) ? PyUnicode_AsUTF8AndSize(args[1], &len) : NULL;
+        if (prefix == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_TypeError, "listdir: prefix must be a str or None");
+            }
+            return NULL;
+        }
+        plen = (size_t)len;
+    }
     PyObject *bytes = NULL;
     if (!PyUnicode_FSConverter(arg, &bytes)) {
         return NULL;
@@ -838,6 +857,9 @@ fast_listdir(PyObject *module, PyObject *arg)
         const char *n = ent->d_name;
         if (n[0] == '.' && (n[1] == '\0' || (n[1] == '.' && n[2] == '\0'))) {
             continue;
+        }
+        if (prefix != NULL && strncmp(n, prefix, plen) != 0) {
+            continue;   /* not decoded: a folder of many entries costs little when few are wanted */
         }
         PyObject *name = PyUnicode_DecodeFSDefault(n);
         if (name == NULL || PyList_Append(names, name) < 0) {
@@ -1380,7 +1402,8 @@ static PyMethodDef methods[] = {
      "code_of(frame) -> frame.f_code (no audit event)"},
     {"read_file", (PyCFunction)(void (*)(void))fast_read_file, METH_FASTCALL,
      "read_file(path, limit) -> (stat_key, bytes) of a regular file under limit bytes, or None (no audit event)"},
-    {"listdir", (PyCFunction)fast_listdir, METH_O, "listdir(path) -> os.listdir(path) (no audit event)"},
+    {"listdir", (PyCFunction)(void (*)(void))fast_listdir, METH_FASTCALL,
+     "listdir(path[, prefix]) -> os.listdir(path), only the names starting with prefix (no audit event)"},
     {"getframe", (PyCFunction)fast_getframe, METH_O,
      "getframe(depth) -> sys._getframe(depth), or None when the stack is not that deep (no audit event)"},
     {"model_frame", (PyCFunction)(void (*)(void))fast_model_frame, METH_FASTCALL,

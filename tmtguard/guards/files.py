@@ -131,12 +131,12 @@ def _check(path, write: bool, operation: str) -> None:
         return  # before the stack walk below: the import guard decides what gets imported
     try:
         # an absolute path with nothing to normalize is its own abspath (most paths a load opens)
-        given = path if path[:1] == "/" and "/." not in path and "//" not in path and path[-1:] != "/" \
-            else os.path.abspath(path)
+        given = path if path[:1] == "/" and "//" not in path and "/./" not in path and "/../" not in path \
+            and not path.endswith(_UNNORMALIZED_ENDS) else os.path.abspath(path)
         real = _realpath(given)
         settings = _settings()
         secret = None
-        if given.startswith(settings[0]) or real.startswith(settings[0]):
+        if given.startswith(settings[0]) or (real != given and real.startswith(settings[0])):
             secret = _secret(given, settings) or (_secret(real, settings) if real != given else None)
         # Allowed whoever acts: a read of a non-secret file where every chain may read, a source line
         # for a traceback, an installed framework writing its own cache. No stack walk for these.
@@ -162,6 +162,7 @@ def _check(path, write: bool, operation: str) -> None:
 
 
 _realpath = provenance.realpath
+_UNNORMALIZED_ENDS = ("/", "/.", "/..")  # with "//", "/./" and "/../": what abspath would change
 _getframe = provenance.frame_at
 
 

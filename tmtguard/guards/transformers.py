@@ -483,12 +483,16 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None) 
                 d = os.path.dirname(d)
                 continue
             try:
-                inits = [n for n in (entries if d == real else _listdir(d)) if n.startswith("__init__.")]
+                inits = [n for n in entries if n.startswith("__init__.")] if d == real else _listdir(d, "__init__.")
             except OSError:
                 inits = []
             for n in inits:
                 p = os.path.join(d, n)
-                if n != "__init__.py" or os.path.getsize(p) != 0:
+                try:
+                    size = provenance._stat_key(p)[2]
+                except OSError:
+                    size = None
+                if n != "__init__.py" or size != 0:
                     return f"{p} is not the empty package file transformers creates"
             if d != real and packages is not None:
                 packages.add(d)
