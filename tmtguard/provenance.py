@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 import threading
 from contextvars import ContextVar
@@ -160,6 +161,22 @@ try:  # a small file's stat key and bytes without os.open's audit event (see rea
     from ._auditfast import read_file as _read_small
 except ImportError:
     _read_small = None
+
+
+def read_small(path: str, limit: int) -> bytes | None:
+    """The bytes of a regular file smaller than ``limit``, or None (larger, or not a regular file);
+    OSError if it cannot be read. tmtguard's own reads: from C where built, without an audit event."""
+    if _read_small is not None:
+        got = _read_small(path, limit)
+        return got[1] if got is not None else None
+    fd = _unpatched.os_open(path, _O_READ)
+    try:
+        if not stat.S_ISREG(_unpatched.os_fstat(fd).st_mode):
+            return None
+        data = _unpatched.os_read(fd, limit)
+        return data if len(data) < limit else None
+    finally:
+        _unpatched.os_close(fd)
 
 
 def _cached_file_digest(path: str) -> str | None:
@@ -335,6 +352,29 @@ def push(loader: str, obj, *, container: bool = False, repo=None, revision=None,
     frame.entry = entry if entry is not None else frame_at(1)
     telemetry.start_load(frame, parent)
     return frame, _CHAIN.set(parent + (frame,))
+
+
+def push_many(specs) -> tuple:
+    """push() of container frames given as (loader, label, path, repo, revision, sha256), outermost
+    first, with one update of the chain (the remote-code guard pushes a model and its code file
+    together); returns (frames, token) for pop_many(). Their entry is the caller's frame."""
+    c = chain()
+    entry = frame_at(1)
+    frames = []
+    for loader, label, path, repo, revision, sha256 in specs:
+        frame = LoadFrame(loader, label, path=path, repo=repo, revision=revision, container=True, sha256=sha256)
+        frame.entry = entry
+        telemetry.start_load(frame, c)
+        c = c + (frame,)
+        frames.append(frame)
+    return frames, _CHAIN.set(c)
+
+
+def pop_many(frames, token, error: BaseException | None = None) -> None:
+    """pop() of what push_many() pushed, innermost first."""
+    _CHAIN.reset(token)
+    for frame in reversed(frames):
+        telemetry.end_load(frame, error)
 
 
 def call_in_frame(frame: LoadFrame, token, fn, *args, **kwargs):

@@ -159,12 +159,11 @@ def _hub_commit(repo: str, revision=None, cache_dir=None) -> str | None:
         return rev
     ref = os.path.join(os.fspath(cache_dir) if cache_dir else _hub_cache(), "models--" + repo.replace("/", "--"), "refs", rev)
     with provenance.internal():
-        try:  # one open(2) and read(2): no buffered text file for a 40-character ref
-            fd = _unpatched.os_open(ref, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                commit = _unpatched.os_read(fd, 4096).decode("utf-8").strip()
-            finally:
-                _unpatched.os_close(fd)
+        try:  # open(2), read(2), close(2): no buffered text file (nor, from C, an audit event) for a ref
+            got = provenance.read_small(ref, 4096)
+            if got is None:
+                return None
+            commit = got.decode("utf-8").strip()
         except (OSError, UnicodeDecodeError):
             return None
     return commit if remote_code.COMMIT.match(commit) else None
@@ -211,17 +210,15 @@ class _Pushed:
 
     def __init__(self, *specs):
         self.specs = [s for s in specs if s is not None]
-        self.held = []
+        self.held = None
 
     def __enter__(self):
-        for loader, label, path, repo, revision, digest in self.specs:
-            self.held.append(provenance.push(loader, (label, path, None, None), container=True, repo=repo,
-                                             revision=revision, sha256=digest))
+        self.held = provenance.push_many(self.specs)
         return provenance.peek()
 
     def __exit__(self, exc_type, exc, tb):
-        for frame, token in reversed(self.held):
-            provenance.pop(frame, token, exc)
+        frames, token = self.held
+        provenance.pop_many(frames, token, exc)
         return False
 
 
@@ -255,8 +252,17 @@ def _tampered(code, digest, copy, copy_digest, chain) -> None:
             chain, detail={"copy": copy, "copy_sha256": copy_digest})
 
 
-def _identify(filename: str, req: _Request | None):
-    if req is not None and req.repo is not None and os.path.isdir(req.repo):
+def _is_folder(repo: str, load: _Load | None) -> bool:
+    """``repo`` names a local folder (not a hub repo id): for the load's own model, as resolved once
+    per load."""
+    if load is not None and load.name == repo:
+        _resolve(load)
+        return load.path is not None
+    return os.path.isdir(repo)
+
+
+def _identify(filename: str, req: _Request | None, load: _Load | None = None):
+    if req is not None and req.repo is not None and _is_folder(req.repo, load):
         return remote_code.local_file(req.repo, filename)
     code = remote_code.hub_file(filename)
     if code is not None:
@@ -281,12 +287,13 @@ def _check_imports(original):
         if not _on:
             return original(filename)
         req = _REQUEST.get()
+        load = _LOAD.get()
         try:
             with provenance.internal():
                 path = os.fspath(filename)
-                code = _identify(path, req)
+                code = _identify(path, req, load)
                 digest = provenance.file_digest(path)
-            head = _head_spec(_LOAD.get(), code)
+            head = _head_spec(load, code)
         except Exception as exc:
             decision.failed(ACTION, str(filename), exc)
             return original(filename)
