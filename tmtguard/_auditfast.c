@@ -664,10 +664,15 @@ fast_stat_key(PyObject *module, PyObject *arg)
     struct stat st;
     int rc;
     if (PyLong_Check(arg)) {
-        int fd = _PyLong_AsInt(arg);
-        if (fd == -1 && PyErr_Occurred()) {
+        long v = PyLong_AsLong(arg);
+        if (v == -1 && PyErr_Occurred()) {
             return NULL;
         }
+        if (v < 0 || v > INT_MAX) {
+            errno = EBADF;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        int fd = (int)v;
         Py_BEGIN_ALLOW_THREADS
         rc = fstat(fd, &st);
         Py_END_ALLOW_THREADS
@@ -721,7 +726,7 @@ fast_read_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     struct stat st;
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
-    fd = open(PyBytes_AS_STRING(bytes), O_RDONLY | O_CLOEXEC);
+    fd = open(PyBytes_AS_STRING(bytes), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  /* a FIFO must not block */
     if (fd < 0) {
         err = errno;
     }
