@@ -80,3 +80,23 @@ def test_chain_is_empty_again_after_blocked_and_allowed_loads(guard, marker):
         pickle.loads(A.marker_pickle(str(marker)))
     pickle.loads(pickle.dumps({"a": 1}))
     assert provenance.chain() == () and provenance._materialized == {}
+
+
+@pytest.mark.parametrize("reader", ["C", "Python"])
+def test_file_digest_of_a_fifo_is_none_without_waiting_for_a_writer(tmp_path, monkeypatch, reader):
+    """Only a regular file has content to pin: a FIFO where a file should be gets no digest, and opening
+    it must not block the load (nor take a writer's data)."""
+    import threading
+
+    from tmtguard import provenance
+
+    if reader == "Python":
+        monkeypatch.setattr(provenance, "_read_small", None)
+    fifo = tmp_path / "model.bin"
+    os.mkfifo(fifo)
+    got = []
+    t = threading.Thread(target=lambda: got.append(provenance.file_digest(str(fifo))), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "file_digest blocked on a FIFO"
+    assert got == [None]

@@ -823,3 +823,25 @@ def test_pin_cli_errors_and_folder(tmp_path):
     [rule] = parse(text, "pin.yaml").remote_code
     assert rule.repo == os.path.realpath(info["path"]) and rule.revision == remote_code.local_revision(rule.repo)
     assert dict(rule.files) == {n: digest(info["files"][n]) for n in ("configuration_tiny.py", "modeling_tiny.py", "helpers_tiny.py")}
+
+
+@pytest.mark.parametrize("planted", ["fifo", "empty file"])
+def test_a_fifo_is_no_empty_package_file(tmp_path, planted):
+    """A package __init__.py above the copies must be the empty regular file transformers creates: a
+    FIFO has size 0 too, and Python importing the package would read whatever a writer sends into it."""
+    base = tmp_path / "modules"
+    folder = base / "transformers_modules" / "org" / "repo" / ("a" * 40)
+    folder.mkdir(parents=True)
+    (folder / "modeling_x.py").write_text("x = 1\n")
+    (folder / "__init__.py").write_text("")
+    init = folder.parent / "__init__.py"
+    if planted == "fifo":
+        os.mkfifo(init)
+    else:
+        init.write_text("")
+    code = remote_code.CodeFile("org/repo", "a" * 40, "modeling_x.py", str(tmp_path / "snapshot" / "modeling_x.py"))
+    problem = hfguard._modified(str(folder), [("modeling_x.py", hfguard._Record(code, "0" * 64))], str(base), set())
+    if planted == "fifo":
+        assert problem == f"{init} is not the empty package file transformers creates"
+    else:
+        assert problem is None

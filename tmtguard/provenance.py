@@ -213,8 +213,11 @@ def file_digest(path: str) -> str | None:
             return None
         try:
             # filed under the key of what was read (the file may have been replaced since the stat)
-            key = _stat_key(fd)
-            size = key[2]
+            st = _unpatched.os_fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None  # a FIFO, a device: no content to pin (and reading it would take its data)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            size = st.st_size
             # a small file in one read(2) of its size (+1 to see the end); a large one by the MiB (a
             # 1 MiB buffer per read of a small file costs an mmap/munmap pair)
             small = size < (1 << 20)
@@ -235,7 +238,8 @@ def file_digest(path: str) -> str | None:
     return digest
 
 
-_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+# non-blocking: opening a FIFO must not wait for a writer (only regular files are read)
+_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 def describe_artifact(obj) -> tuple[str, str | None, bytes | None, int | None]:
