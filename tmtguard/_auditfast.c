@@ -653,6 +653,15 @@ fast_realpath(PyObject *module, PyObject *arg)
     return PyUnicode_DecodeFSDefault(buf);
 }
 
+/* (st_dev, st_ino, st_size, st_mtime_ns): the key provenance.file_digest files a digest under */
+static PyObject *
+key_of(const struct stat *st)
+{
+    long long mtime_ns = (long long)st->st_mtim.tv_sec * 1000000000LL + (long long)st->st_mtim.tv_nsec;
+    return Py_BuildValue("(KKLL)", (unsigned long long)st->st_dev, (unsigned long long)st->st_ino,
+                         (long long)st->st_size, mtime_ns);
+}
+
 /* stat_key(path or fd) -> (st_dev, st_ino, st_size, st_mtime_ns) of stat(2) / fstat(2): what
  * provenance.file_digest files a digest under, checked on every lookup. os.stat builds a 19-field
  * stat_result (float times, nanosecond times by big-int arithmetic) for the four numbers. OSError as
@@ -695,9 +704,7 @@ fast_stat_key(PyObject *module, PyObject *arg)
         }
         Py_DECREF(bytes);
     }
-    long long mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + (long long)st.st_mtim.tv_nsec;
-    return Py_BuildValue("(KKLL)", (unsigned long long)st.st_dev, (unsigned long long)st.st_ino,
-                         (long long)st.st_size, mtime_ns);
+    return key_of(&st);
 }
 
 /* read_file(path, limit) -> (stat_key, bytes) of a regular file smaller than ``limit`` bytes, read
@@ -796,10 +803,12 @@ fast_read_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (_PyBytes_Resize(&data, used) < 0) {
         return NULL;
     }
-    long long mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + (long long)st.st_mtim.tv_nsec;
-    PyObject *out = Py_BuildValue("((KKLL)N)", (unsigned long long)st.st_dev, (unsigned long long)st.st_ino,
-                                  (long long)st.st_size, mtime_ns, data);
-    return out;
+    PyObject *key = key_of(&st);
+    if (key == NULL) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", key, data);
 }
 
 static PyObject *

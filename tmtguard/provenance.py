@@ -358,12 +358,12 @@ def push(loader: str, obj, *, container: bool = False, repo=None, revision=None,
     return frame, _CHAIN.set(parent + (frame,))
 
 
-def push_many(specs) -> tuple:
+def push_many(specs, entry) -> tuple:
     """push() of container frames given as (loader, label, path, repo, revision, sha256), outermost
     first, with one update of the chain (the remote-code guard pushes a model and its code file
-    together); returns (frames, token) for pop_many(). Their entry is the caller's frame."""
+    together); returns (frames, token) for pop_many(). ``entry``: the Python frame that stays on the
+    stack for the whole load (a ``with`` block's frame, not its ``__enter__``'s)."""
     c = chain()
-    entry = frame_at(1)
     frames = []
     for loader, label, path, repo, revision, sha256 in specs:
         frame = LoadFrame(loader, label, path=path, repo=repo, revision=revision, container=True, sha256=sha256)

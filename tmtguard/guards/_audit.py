@@ -17,9 +17,8 @@ restores an original. When tmtguard is off the table is empty and the hook retur
 """
 from __future__ import annotations
 
-import sys
-
 import os
+import sys
 
 from .. import decision
 from ..decision import Violation

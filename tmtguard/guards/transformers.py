@@ -214,7 +214,8 @@ class _Pushed:
         self.held = None
 
     def __enter__(self):
-        self.held = provenance.push_many(self.specs)
+        # the entry is the frame running the with block, which stays on the stack while the frames do
+        self.held = provenance.push_many(self.specs, provenance.frame_at(1))
         return provenance.peek()
 
     def __exit__(self, exc_type, exc, tb):
