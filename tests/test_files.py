@@ -238,3 +238,101 @@ def test_pickle_reading_a_secret_at_load_time(guard, tmp_path, home):
         pickle.loads(data)
     [ev] = P.of(events, "file.open")
     assert ev["chain"][0]["loader"] == "pickle.loads" and ev["origin"]["file"] == __file__
+
+
+# --- the C hook's read fast path (_auditfast.c read_allowed) ---------------------------------------------
+
+native = pytest.mark.skipif(not __import__("tmtguard.guards._audit", fromlist=["native"]).native,
+                            reason="the read fast path is in the C hook")
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """The reads that reached the file guard's Python check, as (path, write) pairs."""
+    from tmtguard.guards import files
+
+    seen = []
+    original = files._check
+
+    def counting(path, write, operation):
+        seen.append((os.fspath(path), write))
+        return original(path, write, operation)
+
+    monkeypatch.setattr(files, "_check", counting)
+    return seen
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    h = tmp_path / "hf"
+    (h / "hub").mkdir(parents=True)
+    (h / "hub" / "notes.txt").write_text("fine")
+    monkeypatch.setenv("HF_HOME", str(h))
+    return h
+
+
+@native
+def test_a_cache_read_inside_a_load_is_settled_in_c(guard, tmp_path, hf_home, checks):
+    events = guard()
+    path = str(hf_home / "hub" / "notes.txt")
+    with tmtguard.guarded_load("custom.load", str(tmp_path / "model.bin")):
+        assert open(path).read() == "fine"  # the settings are computed here (a first check in Python)
+        checks.clear()
+        assert open(path).read() == "fine"
+        import pathlib
+        assert pathlib.Path(path).read_text() == "fine"  # an os.PathLike path too
+        assert checks == []
+        with open(path, "a") as f:  # a write is the file guard's to decide
+            f.write("!")
+        assert checks == [(path, True)]
+    assert events == []
+
+
+@native
+def test_a_secret_in_a_cache_is_not_settled_in_c(guard, tmp_path, home, hf_home, checks):
+    # The Hugging Face token lives in HF_HOME, a folder every chain may read: read directly, or
+    # through a link elsewhere in the cache (only its real path is the secret), it is the file
+    # guard's to refuse. So is a link to ~/.ssh.
+    (hf_home / "token").write_text("hf_FAKE")
+    os.symlink(hf_home / "token", hf_home / "hub" / "vocab.txt")
+    os.symlink(home / ".ssh" / "id_rsa", hf_home / "hub" / "config.json")
+    events = guard()
+    with tmtguard.guarded_load("custom.load", str(tmp_path / "art" / "model.bin")):
+        assert open(hf_home / "hub" / "notes.txt").read() == "fine"
+        for name, what in (("token", "Hugging Face token"), ("hub/vocab.txt", "Hugging Face token"),
+                           ("hub/config.json", "SSH keys")):
+            with pytest.raises(tmtguard.FileViolation, match=what):
+                open(hf_home / name).read()
+            assert (str(hf_home / name), False) in checks  # the file guard decided it
+    assert [e["detail"]["secret"] for e in events] == ["Hugging Face token", "Hugging Face token", "SSH keys"]
+    assert events[1]["detail"]["real_path"] == str(hf_home / "token")
+
+
+@native
+def test_the_c_read_path_follows_the_settings_it_was_given(guard, tmp_path, hf_home, monkeypatch, checks):
+    # Settings computed for another environment or other Hugging Face constants are not used: the
+    # first read after a change goes to the file guard, which recomputes them.
+    import huggingface_hub.constants as constants
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "w.txt").write_text("shared")
+    events = guard()
+    old = str(hf_home / "hub" / "notes.txt")
+    with tmtguard.guarded_load("custom.load", str(tmp_path / "art" / "model.bin")):  # its folder: tmp_path/art
+        assert open(old).read() == "fine"
+        checks.clear()
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))  # os.environ write: HF_HOME moved
+        monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "elsewhere"))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "elsewhere" / "hub"))
+        monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(tmp_path / "elsewhere" / "hub"))
+        monkeypatch.setattr(constants, "HF_ASSETS_CACHE", str(tmp_path / "elsewhere" / "assets"))
+        with pytest.raises(tmtguard.FileViolation, match="outside the artifacts' folders"):
+            open(old).read()  # no longer a Hugging Face cache: not readable by every chain
+        assert checks[0] == (old, False)  # then what the refusal reads (where the code came from)
+        monkeypatch.setattr(constants, "HF_ASSETS_CACHE", str(shared))  # a module attribute alone
+        checks.clear()
+        assert open(shared / "w.txt").read() == "shared"
+        assert open(shared / "w.txt").read() == "shared"
+        assert checks == [(str(shared / "w.txt"), False)]  # recomputed once, then settled in C
+    assert [e["target"] for e in events] == [old]

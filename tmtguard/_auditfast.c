@@ -65,6 +65,8 @@ static int net_wide_on = 0;           /* network.process_wide */
 static int model_code_on_stack(void);
 static PyObject *str_name;   /* "__name__" (defined with the stack walks below) */
 static int trusted_caller(entry_t *e);
+static entry_t *reads_entry = NULL;   /* the "open" entry: the file guard's read fast path, below */
+static int read_allowed(PyObject *args);
 
 /* 1 when the handler must run, 0 when it would return at once, -1 (no error set) when unsure.
  * The handlers' own test, made here: a guarded load on the chain, or (model code exists in the
@@ -180,6 +182,9 @@ hook(const char *event, PyObject *args, void *userData)
         return 0;
     }
     if (e->callers != NULL && trusted_caller(e) == 1) {
+        return 0;
+    }
+    if (e == reads_entry && read_allowed(args) == 1) {
         return 0;
     }
     if (e->allowed != NULL && args != NULL) {
@@ -546,8 +551,19 @@ plain_absolute(const char *p, size_t n)
     return 1;
 }
 
+static PyObject *cached_realpath_at(const char *p, size_t n, int depth, int *missing);
+
+/* new ref, NULL with no error set: not applicable; *missing set when the path does not exist (then
+ * realpath(3) cannot resolve it either) */
 static PyObject *
-cached_realpath(const char *p, size_t n)   /* new ref, NULL with no error set: not applicable */
+cached_realpath(const char *p, size_t n, int *missing)
+{
+    *missing = 0;
+    return cached_realpath_at(p, n, 0, missing);
+}
+
+static PyObject *
+cached_realpath_at(const char *p, size_t n, int depth, int *missing)
 {
     const char *slash = strrchr(p, '/');
     size_t dlen = (size_t)(slash - p);
@@ -558,11 +574,18 @@ cached_realpath(const char *p, size_t n)   /* new ref, NULL with no error set: n
     memcpy(dir, p, dlen);
     dir[dlen] = '\0';
     struct stat st, lst;
-    int ok;
+    int ok, err = 0;
     Py_BEGIN_ALLOW_THREADS
     ok = stat(dir, &st) == 0 && lstat(p, &lst) == 0;
+    if (!ok) {
+        err = errno;
+    }
     Py_END_ALLOW_THREADS
-    if (!ok || S_ISLNK(lst.st_mode) || !S_ISDIR(st.st_mode)) {
+    if (!ok) {
+        *missing = depth == 0 && (err == ENOENT || err == ENOTDIR);
+        return NULL;
+    }
+    if (S_ISLNK(lst.st_mode) || !S_ISDIR(st.st_mode)) {
         return NULL;
     }
     if (dir_cache == NULL && (dir_cache = PyDict_New()) == NULL) {
@@ -586,15 +609,23 @@ cached_realpath(const char *p, size_t n)   /* new ref, NULL with no error set: n
         PyErr_Clear();
     }
     if (real == NULL) {
-        char buf[PATH_MAX];
-        char *resolved;
-        Py_BEGIN_ALLOW_THREADS
-        resolved = realpath(dir, buf);
-        Py_END_ALLOW_THREADS
-        if (resolved == NULL || (real = PyUnicode_DecodeFSDefault(buf)) == NULL) {
-            PyErr_Clear();
-            Py_DECREF(key);
-            return NULL;
+        /* the folder's own folder may be known (a new model's snapshot or modules-cache folder
+         * under a cache resolved before): stat(2) + lstat(2) a level instead of a readlink(2) for
+         * every component; realpath(3) when a component is a link or the walk reaches the root */
+        if (depth < 6) {  /* 8 KB of stack a level */
+            real = cached_realpath_at(dir, dlen, depth + 1, missing);
+        }
+        if (real == NULL) {
+            char buf[PATH_MAX];
+            char *resolved;
+            Py_BEGIN_ALLOW_THREADS
+            resolved = realpath(dir, buf);
+            Py_END_ALLOW_THREADS
+            if (resolved == NULL || (real = PyUnicode_DecodeFSDefault(buf)) == NULL) {
+                PyErr_Clear();
+                Py_DECREF(key);
+                return NULL;
+            }
         }
         if (PyDict_GET_SIZE(dir_cache) >= DIR_CACHE_MAX) {
             PyDict_Clear(dir_cache);
@@ -635,9 +666,13 @@ fast_realpath(PyObject *module, PyObject *arg)
     const char *p = PyBytes_AS_STRING(bytes);
     size_t n = (size_t)PyBytes_GET_SIZE(bytes);
     if (plain_absolute(p, n)) {
-        PyObject *out = cached_realpath(p, n);
-        if (out != NULL) {
+        int missing;
+        PyObject *out = cached_realpath(p, n, &missing);
+        if (out != NULL || missing) {
             Py_DECREF(bytes);
+            if (out == NULL) {
+                Py_RETURN_NONE;
+            }
             return out;
         }
     }
@@ -651,6 +686,227 @@ fast_realpath(PyObject *module, PyObject *arg)
         Py_RETURN_NONE;
     }
     return PyUnicode_DecodeFSDefault(buf);
+}
+
+/* The file guard's read fast path. Inside a guarded load or with model code on the stack, every
+ * open raises an "open" event the file guard decides; most are reads the guard allows whoever acts: a
+ * file under the interpreter's installation, a Hugging Face cache or a common system file, with no
+ * secret in its given or real path (tmtguard/guards/files.py, _check). Entering Python for each one
+ * (the dispatcher, the handler, the path tests) cost ~25,000 instructions; a remote-code load makes a
+ * dozen such reads. The same test is made here, with the file guard's own settings: files.py keeps them
+ * in _settings_memo = [key, settings, stamp], and the stamp says what they were computed from (the
+ * os.environ write count, the Hugging Face modules' settings, compared by identity). Anything else,
+ * settings computed for another environment or modules, a write, a path that is not a plain absolute
+ * str (or os.PathLike giving one), a path that does not resolve, a secret prefix: the file guard
+ * decides, as before. This only ever lets through what the file guard itself lets through at once. */
+static PyObject *reads_env = NULL;      /* provenance.environment_changes: item 0 counts os.environ writes */
+static PyObject *reads_sources = NULL;  /* ((module name, (attribute, ...)), ...): what else the settings read */
+static PyObject *reads_memo = NULL;     /* files._settings_memo */
+#define WRITE_FLAGS (O_WRONLY | O_RDWR | O_APPEND | O_CREAT | O_TRUNC)
+
+/* 1 when the settings were computed for the current environment and modules */
+static int
+reads_current(PyObject *stamp)
+{
+    if (!PyTuple_Check(stamp) || PyTuple_GET_SIZE(stamp) != 2 || !PyList_Check(reads_env)
+            || PyList_GET_SIZE(reads_env) < 1 || PyList_GET_ITEM(reads_env, 0) != PyTuple_GET_ITEM(stamp, 0)) {
+        return 0;
+    }
+    PyObject *values = PyTuple_GET_ITEM(stamp, 1);
+    PyObject *modules = PySys_GetObject("modules");  /* borrowed */
+    if (!PyTuple_Check(values) || modules == NULL || !PyDict_Check(modules) || !PyTuple_Check(reads_sources)) {
+        return 0;
+    }
+    Py_ssize_t k = 0, nvalues = PyTuple_GET_SIZE(values);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(reads_sources); i++) {
+        PyObject *source = PyTuple_GET_ITEM(reads_sources, i);
+        if (!PyTuple_Check(source) || PyTuple_GET_SIZE(source) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(source, 1))) {
+            return 0;
+        }
+        PyObject *m = PyDict_GetItemWithError(modules, PyTuple_GET_ITEM(source, 0));  /* borrowed */
+        PyObject *d = NULL;
+        if (m != NULL) {
+            if (!PyModule_Check(m) || (d = PyModule_GetDict(m)) == NULL) {
+                PyErr_Clear();
+                return 0;
+            }
+        }
+        else if (PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        PyObject *attrs = PyTuple_GET_ITEM(source, 1);
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(attrs); j++, k++) {
+            PyObject *v = d != NULL ? PyDict_GetItemWithError(d, PyTuple_GET_ITEM(attrs, j)) : NULL;
+            if (v == NULL) {
+                if (PyErr_Occurred()) {
+                    PyErr_Clear();
+                    return 0;
+                }
+                v = Py_None;
+            }
+            if (k >= nvalues || PyTuple_GET_ITEM(values, k) != v) {
+                return 0;
+            }
+        }
+    }
+    return k == nvalues;
+}
+
+/* 1 when str ``s`` starts with one of the str in tuple ``prefixes``, 0 when not, -1 when unsure */
+static int
+starts_with_any(PyObject *s, PyObject *prefixes)
+{
+    if (!PyTuple_Check(prefixes)) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(prefixes); i++) {
+        PyObject *prefix = PyTuple_GET_ITEM(prefixes, i);
+        if (!PyUnicode_Check(prefix)) {
+            return -1;
+        }
+        Py_ssize_t r = PyUnicode_Tailmatch(s, prefix, 0, PY_SSIZE_T_MAX, -1);
+        if (r != 0) {
+            if (r < 0) {
+                PyErr_Clear();
+            }
+            return r > 0 ? 1 : -1;
+        }
+    }
+    return 0;
+}
+
+static int
+read_allowed(PyObject *args)  /* 1: the file guard would let this open through at once; 0: ask it */
+{
+    if (reads_memo == NULL || args == NULL || !PyTuple_Check(args) || PyTuple_GET_SIZE(args) < 1) {
+        return 0;
+    }
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
+    if (nargs > 1 && PyUnicode_Check(PyTuple_GET_ITEM(args, 1))) {  /* open()'s mode; os.open gives None */
+        Py_ssize_t len;
+        const char *mode = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(args, 1), &len);
+        if (mode == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        for (Py_ssize_t i = 0; i < len; i++) {
+            if (mode[i] == 'w' || mode[i] == 'a' || mode[i] == 'x' || mode[i] == '+') {
+                return 0;
+            }
+        }
+    }
+    if (nargs > 2 && PyLong_Check(PyTuple_GET_ITEM(args, 2))) {
+        long flags = PyLong_AsLong(PyTuple_GET_ITEM(args, 2));
+        if ((flags == -1 && PyErr_Occurred()) || (flags & WRITE_FLAGS)) {
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    PyObject *given = PyTuple_GET_ITEM(args, 0);
+    if (PyUnicode_CheckExact(given)) {
+        Py_INCREF(given);
+    }
+    else if (PyUnicode_Check(given) || PyBytes_Check(given) || PyLong_Check(given) || given == Py_None) {
+        return 0;
+    }
+    else {
+        given = PyOS_FSPath(given);  /* os.PathLike (pathlib): what the file guard decodes too */
+        if (given == NULL || !PyUnicode_CheckExact(given)) {
+            PyErr_Clear();
+            Py_XDECREF(given);
+            return 0;
+        }
+    }
+    int verdict = 0;
+    PyObject *bytes = PyUnicode_EncodeFSDefault(given);
+    PyObject *real = NULL;
+    if (bytes == NULL) {
+        PyErr_Clear();
+        goto done;
+    }
+    const char *p = PyBytes_AS_STRING(bytes);
+    size_t n = (size_t)PyBytes_GET_SIZE(bytes);
+    if (strlen(p) != n || !plain_absolute(p, n)) {
+        goto done;  /* an embedded NUL, a relative or unnormalized path: the file guard's abspath */
+    }
+    int missing;
+    real = cached_realpath(p, n, &missing);
+    if (real == NULL && missing) {
+        goto done;  /* nothing to read there (yet): the file guard decides */
+    }
+    if (real == NULL) {
+        char buf[PATH_MAX];
+        char *resolved;
+        Py_BEGIN_ALLOW_THREADS
+        resolved = realpath(p, buf);
+        Py_END_ALLOW_THREADS
+        if (resolved == NULL || (real = PyUnicode_DecodeFSDefault(buf)) == NULL) {
+            PyErr_Clear();
+            goto done;
+        }
+    }
+    /* the settings only now: the GIL was released above, and the memo may have been replaced */
+    if (!PyList_Check(reads_memo) || PyList_GET_SIZE(reads_memo) != 3) {
+        goto done;
+    }
+    PyObject *settings = PyList_GET_ITEM(reads_memo, 1);
+    if (!reads_current(PyList_GET_ITEM(reads_memo, 2)) || !PyTuple_Check(settings) || PyTuple_GET_SIZE(settings) < 5) {
+        goto done;
+    }
+    if (starts_with_any(given, PyTuple_GET_ITEM(settings, 0)) != 0
+            || starts_with_any(real, PyTuple_GET_ITEM(settings, 0)) != 0) {
+        goto done;  /* could be a secret: the file guard matches it */
+    }
+    int readable = starts_with_any(real, PyTuple_GET_ITEM(settings, 3));
+    if (readable == 0 && PyFrozenSet_Check(PyTuple_GET_ITEM(settings, 4))) {
+        readable = PySet_Contains(PyTuple_GET_ITEM(settings, 4), real);
+        if (readable < 0) {
+            PyErr_Clear();
+        }
+    }
+    verdict = readable == 1;
+done:
+    Py_XDECREF(real);
+    Py_XDECREF(bytes);
+    Py_DECREF(given);
+    return verdict;
+}
+
+/* set_reads(env, sources, memo): turn the read fast path on (None: off) for the "open" entry */
+static PyObject *
+fast_set_reads(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    UNUSED(module);
+    if (nargs == 1 && args[0] == Py_None) {
+        if (check_gate("set_reads") < 0) {
+            return NULL;
+        }
+        reads_entry = NULL;
+        Py_CLEAR(reads_memo);
+        Py_RETURN_NONE;
+    }
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "set_reads(env list, sources tuple, memo list) or set_reads(None)");
+        return NULL;
+    }
+    entry_t *e = find("open");
+    if (e == NULL || e->handler == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "set_reads: no handler registered for open");
+        return NULL;
+    }
+    if (check_gate("set_reads") < 0) {
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    Py_INCREF(args[1]);
+    Py_INCREF(args[2]);
+    Py_XSETREF(reads_env, args[0]);
+    Py_XSETREF(reads_sources, args[1]);
+    Py_XSETREF(reads_memo, args[2]);
+    reads_entry = e;
+    generation++;
+    Py_RETURN_NONE;
 }
 
 /* (st_dev, st_ino, st_size, st_mtime_ns): the key provenance.file_digest files a digest under */
@@ -798,6 +1054,9 @@ fast_read_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
         used += n;
+        if (used == (Py_ssize_t)st.st_size && used < cap) {
+            break;  /* a short read of a regular file at the size fstat(2) saw: its end, no read(2) to confirm */
+        }
     }
     close(fd);
     if (_PyBytes_Resize(&data, used) < 0) {
@@ -1401,6 +1660,8 @@ static PyMethodDef methods[] = {
      "identical(entries, pairs) -> -1, or the index of the first (owner, attr, value) or (obj, cls) that differs"},
     {"realpath", (PyCFunction)fast_realpath, METH_O,
      "realpath(path) -> realpath(3) of an existing path, or None"},
+    {"set_reads", (PyCFunction)(void (*)(void))fast_set_reads, METH_FASTCALL,
+     "set_reads(env, sources, memo) or set_reads(None): the file guard's read fast path on or off"},
     {"set_scope", (PyCFunction)(void (*)(void))fast_set_scope, METH_FASTCALL,
      "set_scope(chain_contextvar, model_code_dict): what scoped handlers are filtered on"},
     {"set_wide", (PyCFunction)(void (*)(void))fast_set_wide, METH_FASTCALL,

@@ -137,6 +137,20 @@ def set_wide(kind: int, on: bool) -> None:
         _fast.set_wide(kind, bool(on))
 
 
+_reads: list = [None]  # (env, sources, memo) given to fast_reads, or None
+
+
+def fast_reads(event: str, env, sources=None, memo=None) -> None:
+    """The file guard's read fast path in the C hook (see ``read_allowed`` in _auditfast.c): reads of
+    ``event`` ("open") its settings memo lets through at once are settled without entering Python.
+    ``env`` None turns it off. Nothing to do with the Python hook, which always calls the handler."""
+    if event != "open":
+        raise ValueError("the C hook's read fast path is for the open event")
+    _reads[0] = None if env is None else (env, tuple(sources), memo)
+    if _fast is not None:
+        _fast.set_reads(None) if env is None else _fast.set_reads(env, tuple(sources), memo)
+
+
 def reapply() -> None:
     """Put the C hook's scope inputs back (the tamper guard's repair)."""
     if _fast is not None:
@@ -145,6 +159,8 @@ def reapply() -> None:
         _fast.set_scope(provenance._CHAIN, provenance._model_code)
         for kind, on in _wide.items():
             _fast.set_wide(kind, on)
+        if _reads[0] is not None and "open" in _handlers:
+            _fast.set_reads(*_reads[0])
 
 
 def current(event: str):

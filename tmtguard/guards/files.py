@@ -210,6 +210,7 @@ def _settings() -> tuple:
     memo = _settings_memo
     if memo[0] == key:
         return memo[1]
+    stamp = _stamp()  # before reading anything: a change from here on makes the stamp stale
     caches = hf_caches()
     roots = provenance.installation_roots()
     prefixes, parts, whats = [], [], []
@@ -231,11 +232,25 @@ def _settings() -> tuple:
     readable = tuple(caches) + tuple(roots) + tuple(p for p in SYSTEM_READS if p.endswith("/"))
     exact = frozenset(p.rstrip("/") for p in SYSTEM_READS)
     value = (tuple(prefixes), matcher, tuple(whats), readable, exact, tuple(caches))
-    memo[:] = [key, value]
+    memo[:] = [key, value, stamp]
     return value
 
 
-_settings_memo: list = [None, None]  # [key, settings]
+# [key, settings, stamp]. The C hook reads it too (_audit.fast_reads): it lets a read through at once
+# when these settings, computed for the environment and modules the stamp names, let it through here
+# before any stack walk (no secret prefix, a readable real path).
+_settings_memo: list = [None, None, None]
+
+
+def _stamp() -> tuple:
+    """(the os.environ write count object, the _SOURCES values as found in each module's namespace,
+    None when missing): the C hook compares it by identity with what it finds on each read."""
+    values = []
+    modules = sys.modules
+    for name, attrs in _SOURCES:
+        namespace = getattr(modules.get(name), "__dict__", None) or {}
+        values.extend(namespace.get(a) for a in attrs)
+    return (provenance.environment_changes[0], tuple(values))
 
 
 def _secret(path: str, settings=None) -> str | None:
@@ -296,6 +311,9 @@ def _folder_of(frame) -> str | None:
 
 _HF_CONSTANTS = ("HF_HOME", "HF_HUB_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_HUB_CACHE")
 _hf_constants = operator.attrgetter(*_HF_CONSTANTS)
+# What the settings derive from besides os.environ (see _settings_key): module attributes the C
+# hook's stamp holds by identity.
+_SOURCES = (("huggingface_hub.constants", _HF_CONSTANTS), ("transformers.dynamic_module_utils", ("HF_MODULES_CACHE",)))
 
 
 def _settings_key() -> tuple:
@@ -392,15 +410,17 @@ def install(policy) -> None:
     global _on, _policy
     _policy = policy
     _folders.clear()
-    _settings_memo[:] = [None, None]  # the environment may have changed while tmtguard was off
+    _settings_memo[:] = [None, None, None]  # the environment may have changed while tmtguard was off
     _hf_key_memo.clear()
     for event, handler in _EVENTS.items():
         _audit.register(event, handler, scope=_audit.MODEL)
+    _audit.fast_reads("open", provenance.environment_changes, _SOURCES, _settings_memo)
     _on = True
 
 
 def uninstall() -> None:
     global _on
     _on = False
+    _audit.fast_reads("open", None)
     for event in _EVENTS:
         _audit.unregister(event)
