@@ -737,5 +737,4 @@ def _compute_installation_roots() -> tuple:
 
 
 def _installation_path(path: str) -> bool:
-    path = path if path.endswith(os.sep) else path + os.sep
-    return any(path.startswith(root) for root in installation_roots())
+    return (path if path.endswith(os.sep) else path + os.sep).startswith(_install_roots or installation_roots())
