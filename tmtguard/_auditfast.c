@@ -551,6 +551,22 @@ plain_absolute(const char *p, size_t n)
     return 1;
 }
 
+/* realpath(3) of p as a str, or NULL with no error set (its buffer kept out of the recursive walk below) */
+static PyObject *
+libc_realpath(const char *p)
+{
+    char buf[PATH_MAX];
+    char *resolved;
+    Py_BEGIN_ALLOW_THREADS
+    resolved = realpath(p, buf);
+    Py_END_ALLOW_THREADS
+    PyObject *out = resolved != NULL ? PyUnicode_DecodeFSDefault(buf) : NULL;
+    if (out == NULL) {
+        PyErr_Clear();
+    }
+    return out;
+}
+
 static PyObject *cached_realpath_at(const char *p, size_t n, int depth, int *missing);
 
 /* new ref, NULL with no error set: not applicable; *missing set when the path does not exist (then
@@ -612,20 +628,12 @@ cached_realpath_at(const char *p, size_t n, int depth, int *missing)
         /* the folder's own folder may be known (a new model's snapshot or modules-cache folder
          * under a cache resolved before): stat(2) + lstat(2) a level instead of a readlink(2) for
          * every component; realpath(3) when a component is a link or the walk reaches the root */
-        if (depth < 6) {  /* 8 KB of stack a level */
+        if (depth < 6) {  /* 4 KB of stack a level */
             real = cached_realpath_at(dir, dlen, depth + 1, missing);
         }
-        if (real == NULL) {
-            char buf[PATH_MAX];
-            char *resolved;
-            Py_BEGIN_ALLOW_THREADS
-            resolved = realpath(dir, buf);
-            Py_END_ALLOW_THREADS
-            if (resolved == NULL || (real = PyUnicode_DecodeFSDefault(buf)) == NULL) {
-                PyErr_Clear();
-                Py_DECREF(key);
-                return NULL;
-            }
+        if (real == NULL && (real = libc_realpath(dir)) == NULL) {
+            Py_DECREF(key);
+            return NULL;
         }
         if (PyDict_GET_SIZE(dir_cache) >= DIR_CACHE_MAX) {
             PyDict_Clear(dir_cache);
@@ -655,6 +663,21 @@ cached_realpath_at(const char *p, size_t n, int depth, int *missing)
     return out;
 }
 
+/* the real path of p (n bytes): from the folder cache when p is a plain absolute path, else
+ * realpath(3); NULL with no error set when it does not resolve (a missing path: at once) */
+static PyObject *
+resolve(const char *p, size_t n)
+{
+    if (plain_absolute(p, n)) {
+        int missing;
+        PyObject *out = cached_realpath(p, n, &missing);
+        if (out != NULL || missing) {
+            return out;
+        }
+    }
+    return libc_realpath(p);
+}
+
 static PyObject *
 fast_realpath(PyObject *module, PyObject *arg)
 {
@@ -663,29 +686,12 @@ fast_realpath(PyObject *module, PyObject *arg)
     if (!PyUnicode_FSConverter(arg, &bytes)) {
         return NULL;
     }
-    const char *p = PyBytes_AS_STRING(bytes);
-    size_t n = (size_t)PyBytes_GET_SIZE(bytes);
-    if (plain_absolute(p, n)) {
-        int missing;
-        PyObject *out = cached_realpath(p, n, &missing);
-        if (out != NULL || missing) {
-            Py_DECREF(bytes);
-            if (out == NULL) {
-                Py_RETURN_NONE;
-            }
-            return out;
-        }
-    }
-    char buf[PATH_MAX];
-    char *resolved;
-    Py_BEGIN_ALLOW_THREADS
-    resolved = realpath(p, buf);
-    Py_END_ALLOW_THREADS
+    PyObject *out = resolve(PyBytes_AS_STRING(bytes), (size_t)PyBytes_GET_SIZE(bytes));
     Py_DECREF(bytes);
-    if (resolved == NULL) {
+    if (out == NULL) {
         Py_RETURN_NONE;
     }
-    return PyUnicode_DecodeFSDefault(buf);
+    return out;
 }
 
 /* The file guard's read fast path. Inside a guarded load or with model code on the stack, every
@@ -830,21 +836,8 @@ read_allowed(PyObject *args)  /* 1: the file guard would let this open through a
     if (strlen(p) != n || !plain_absolute(p, n)) {
         goto done;  /* an embedded NUL, a relative or unnormalized path: the file guard's abspath */
     }
-    int missing;
-    real = cached_realpath(p, n, &missing);
-    if (real == NULL && missing) {
-        goto done;  /* nothing to read there (yet): the file guard decides */
-    }
-    if (real == NULL) {
-        char buf[PATH_MAX];
-        char *resolved;
-        Py_BEGIN_ALLOW_THREADS
-        resolved = realpath(p, buf);
-        Py_END_ALLOW_THREADS
-        if (resolved == NULL || (real = PyUnicode_DecodeFSDefault(buf)) == NULL) {
-            PyErr_Clear();
-            goto done;
-        }
+    if ((real = resolve(p, n)) == NULL) {
+        goto done;  /* missing (nothing to read there yet) or unresolvable: the file guard decides */
     }
     /* the settings only now: the GIL was released above, and the memo may have been replaced */
     if (!PyList_Check(reads_memo) || PyList_GET_SIZE(reads_memo) != 3) {

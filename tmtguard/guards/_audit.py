@@ -140,15 +140,13 @@ def set_wide(kind: int, on: bool) -> None:
 _reads: list = [None]  # (env, sources, memo) given to fast_reads, or None
 
 
-def fast_reads(event: str, env, sources=None, memo=None) -> None:
-    """The file guard's read fast path in the C hook (see ``read_allowed`` in _auditfast.c): reads of
-    ``event`` ("open") its settings memo lets through at once are settled without entering Python.
-    ``env`` None turns it off. Nothing to do with the Python hook, which always calls the handler."""
-    if event != "open":
-        raise ValueError("the C hook's read fast path is for the open event")
+def fast_reads(env, sources=None, memo=None) -> None:
+    """The file guard's read fast path in the C hook (see ``read_allowed`` in _auditfast.c): ``open``
+    events its settings memo lets through at once are settled without entering Python. ``env`` None
+    turns it off. Nothing to do with the Python hook, which always calls the handler."""
     _reads[0] = None if env is None else (env, tuple(sources), memo)
     if _fast is not None:
-        _fast.set_reads(None) if env is None else _fast.set_reads(env, tuple(sources), memo)
+        _fast.set_reads(*(_reads[0] or (None,)))
 
 
 def reapply() -> None:

@@ -414,13 +414,13 @@ def install(policy) -> None:
     _hf_key_memo.clear()
     for event, handler in _EVENTS.items():
         _audit.register(event, handler, scope=_audit.MODEL)
-    _audit.fast_reads("open", provenance.environment_changes, _SOURCES, _settings_memo)
+    _audit.fast_reads(provenance.environment_changes, _SOURCES, _settings_memo)
     _on = True
 
 
 def uninstall() -> None:
     global _on
     _on = False
-    _audit.fast_reads("open", None)
+    _audit.fast_reads(None)
     for event in _EVENTS:
         _audit.unregister(event)
