@@ -387,7 +387,7 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
     relatively; returns [((names the file runs under...), _Record, real path)] to register as model
     code. ``packages``: the load's set of package folders already checked (see _modified)."""
     base = _modules_cache()
-    modpath = (str(Path(copy)), os.path.abspath(copy))  # as get_class_in_module names it, and absolute
+    modpath = (_path_str(copy), os.path.abspath(copy))  # as get_class_in_module names it, and absolute
     if main is None:
         code = remote_code.CodeFile("?", "", os.path.relpath(copy, base), copy, local=True)
         decision.refuse(ACTION, copy,
@@ -403,7 +403,7 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
     files = [((*modpath, copy), main, real)]
     folder = os.path.dirname(copy)
     with provenance.internal():
-        related = sys.modules[DMU].get_relative_import_files(copy)
+        related = _relative_import_files(copy)
     for rel_copy in related:
         rel_real = provenance.realpath(rel_copy)
         name = os.path.relpath(rel_copy, folder).replace(os.sep, "/")
@@ -432,6 +432,45 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
             _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}",
                     outer + (_frame(_code_spec(rec.code, rec.digest)),), detail={"copy": os.path.join(where, name)})
     return files
+
+
+def _path_str(path: str) -> str:
+    """``str(Path(path))`` without building a Path when ``path`` is already in that form (no empty
+    or ``.`` component, no trailing slash): the common case, a modules-cache path joined by
+    os.path.join."""
+    if path and "//" not in path and "/./" not in path and not path.endswith(("/", "/.")) \
+            and not path.startswith("./") and path != ".":
+        return path
+    return str(Path(path))
+
+
+def _relative_import_files(module_file: str) -> list:
+    """transformers' get_relative_import_files(module_file), the same list, built with string joins
+    instead of pathlib when every relative import is a plain name (``str(Path(parent) / m)`` is then
+    ``parent + "/" + m``); otherwise transformers' own function. Each file's imports come from
+    get_relative_imports (memoized per sha256 by _memo_relative_imports)."""
+    dmu = sys.modules[DMU]
+    get = getattr(dmu, "get_relative_imports", None)
+    if get is None:
+        return dmu.get_relative_import_files(module_file)
+    clean = _path_str(module_file)
+    parent = clean.rpartition("/")[0] if "/" in clean else ""
+    if clean.startswith("/") and parent == "":
+        parent = "/"
+    everything: list = []
+    to_check = [module_file]
+    while True:
+        found = []
+        for f in to_check:
+            found.extend(get(f))
+        for m in found:
+            if not m or m == "." or "/" in m or "\0" in m:
+                return dmu.get_relative_import_files(module_file)
+        files = [(f"{parent.rstrip('/')}/{m}.py" if parent else f"{m}.py") for m in found]
+        to_check = [f for f in files if f not in everything]
+        if not to_check:
+            return everything
+        everything.extend(to_check)
 
 
 def _modified(folder: str, group: list, base: str, packages: set | None = None) -> str | None:
