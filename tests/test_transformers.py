@@ -845,3 +845,52 @@ def test_a_fifo_is_no_empty_package_file(tmp_path, planted):
         assert problem == f"{init} is not the empty package file transformers creates"
     else:
         assert problem is None
+
+
+def test_the_plan_lists_the_relative_imports_transformers_would(tmp_path, monkeypatch):
+    """The plan's string-join listing of a copy's relative imports is transformers' own list: chains of
+    relative imports, a file reached twice, a copy at the top of a folder, a relative path; and for an
+    import that is no plain name (``from .. import x``, ``from ./x``) transformers' function decides."""
+    import transformers.dynamic_module_utils as dmu
+
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    files = {
+        "main.py": "from .a import x\nimport .b\nfrom .shared import s\n",
+        "a.py": "from .c import y\nfrom .shared import s\n",
+        "b.py": "",
+        "c.py": "from .d import z\n",
+        "d.py": "import torch\n",
+        "shared.py": "",
+        "dotted.py": "from ..up import q\n",  # ".up": a plain name here (a file named .up.py)
+        ".up.py": "",
+        "dots.py": "from .. import q\n",  # "." : the parent folder itself, transformers' Path decides
+        "slash.py": "from ./b import q\n",  # "/b": an absolute path, likewise
+    }
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    (tmp_path / "copy.py").write_text("")  # what "from .. import q" names, to transformers
+    monkeypatch.setitem(sys.modules, hfguard.DMU, dmu)
+    for name in ("main.py", "a.py", "c.py", "d.py", "dotted.py"):
+        path = str(folder / name)
+        assert sorted(hfguard._relative_import_files(path)) == sorted(dmu.get_relative_import_files(path))
+    assert sorted(hfguard._relative_import_files(str(folder / "main.py"))) == sorted(
+        str(folder / n) for n in ("a.py", "b.py", "shared.py", "c.py", "d.py"))
+    monkeypatch.chdir(folder)
+    assert sorted(hfguard._relative_import_files("main.py")) == sorted(dmu.get_relative_import_files("main.py"))
+    calls = []
+    real = dmu.get_relative_import_files
+
+    def counted(module_file):
+        calls.append(module_file)
+        return real(module_file)
+
+    monkeypatch.setattr(dmu, "get_relative_import_files", counted)
+    dots = str(folder / "dots.py")
+    assert hfguard._relative_import_files(dots) == real(dots) == [str(tmp_path / "copy.py")]
+    with pytest.raises(FileNotFoundError):  # /b.py: what transformers itself would fail on
+        hfguard._relative_import_files(str(folder / "slash.py"))
+    assert calls == [dots, str(folder / "slash.py")]  # not plain names: transformers' own function
+    assert hfguard._path_str(str(folder / "main.py")) == str(Path(folder / "main.py"))
+    for messy in (str(folder) + "//main.py", str(folder) + "/./main.py", str(folder) + "/", "./main.py"):
+        assert hfguard._path_str(messy) == str(Path(messy))
