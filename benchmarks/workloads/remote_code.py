@@ -58,19 +58,21 @@ def _repo(i: int) -> str:
     return f"bench/tiny-remote-{i}"
 
 
-def prepare(cache_dir: Path) -> dict:
+def prepare(cache_dir: Path, n_repos: int = N_REPOS, folder: str = "hub") -> dict:
+    """The offline hub cache with ``n_repos`` repos (benchmarks/remote_code_ab.py asks for more, in
+    its own folder) and the allowlist pinning them."""
     hf = _hubfixtures()
-    root = cache_dir / "hub"
+    root = cache_dir / folder
     hub, modules = root / "hub-cache", root / "modules-unused"
     stamp, allowlist = root / "stamp.json", root / "tmtguard-allow.yaml"
     src_hash = hashlib.sha256(Path(hf.__file__).read_bytes()).hexdigest()
-    want = {"version": FIXTURE_VERSION, "n": N_REPOS, "hubfixtures_sha256": src_hash}
+    want = {"version": FIXTURE_VERSION, "n": n_repos, "hubfixtures_sha256": src_hash}
     if not (stamp.exists() and allowlist.exists() and json.loads(stamp.read_text()) == want):
         shutil.rmtree(root, ignore_errors=True)
         # The guarded runs load code a deployment has reviewed and pinned: each repo at its commit,
         # each code file by sha256 (tmtguard's remote_code allowlist format, version 1).
         lines = ["version: 1", "remote_code:", "  allow:"]
-        for i in range(N_REPOS):
+        for i in range(n_repos):
             info = hf.tiny_custom_model(hub, repo_id=_repo(i), model_type=f"tmt-bench-{i}", seed=i)
             lines += [f"    - repo: {info['repo_id']}", f"      revision: {info['commit']}", "      files:"]
             for name, path in sorted(info["code_files"].items()):
@@ -84,7 +86,7 @@ def prepare(cache_dir: Path) -> dict:
         "env": env,
         "fresh_dir_env": ["HF_MODULES_CACHE"],
         "guarded_env": {"TMTGUARD_ALLOWLIST": str(allowlist)},
-        "n": N_REPOS,
+        "n": n_repos,
     }
 
 

@@ -1,0 +1,110 @@
+"""Remote-code loads guarded and unguarded in ONE process, alternating: the guard's cost without the
+process-to-process spread (single unguarded processes run the same loads 15-20 % apart on a shared VM).
+
+    python3 benchmarks/remote_code_ab.py [--loads 160]
+
+Builds (or reuses) the remote_code workload's offline hub cache, activates tmtguard in enforce with
+the workload's allowlist, then loads a new repo each time, two guarded (``tmtguard.activate``) and two
+unguarded (``tmtguard.deactivate``) in turn, with a ``gc.collect()`` before each, as the benchmark
+worker does. "Unguarded" here still has tmtguard's C audit hook installed (it cannot be removed), so
+CPython builds every audit event's arguments in both phases: the difference is the guards' own work,
+not the price of having an audit hook (which the instruction count covers: see benchmarks/README.md).
+It also times the patched transformers functions in both phases (thread CPU time, inclusive).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import gc
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # appended, not prepended: ``import tmtguard`` must find the installed package (its C audit hook),
+    # not the source tree, which has no built extension and would measure the Python hook
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import CACHE_DIR  # noqa: E402
+from benchmarks.workloads import remote_code as W  # noqa: E402
+
+NAMES = ("get_cached_module_file", "check_imports", "get_class_in_module")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--loads", type=int, default=160, help="loads in all, half of them guarded (default 160)")
+    a = ap.parse_args()
+    params = W.prepare(CACHE_DIR, n_repos=a.loads + 1, folder="hub-ab")
+    os.environ.update(params["env"])
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="tmtguard-ab-modules-")
+    allow = params["guarded_env"]["TMTGUARD_ALLOWLIST"]
+    import tmtguard
+    from tmtguard.guards import _audit
+
+    tmtguard.activate(mode="enforce", allowlists=[allow])
+    hook = "C" if getattr(_audit, "_fast", None) is not None else "Python (no built extension: numbers users do not see)"
+    print(f"tmtguard from {Path(tmtguard.__file__).parent}, audit hook {hook}")
+    import torch  # noqa: F401
+    import transformers.dynamic_module_utils as dmu
+    from transformers import AutoModel, PretrainedConfig, PreTrainedModel  # noqa: F401
+
+    repos = [W._repo(i) for i in range(params["n"])]
+    if a.loads + 1 > len(repos):
+        sys.exit(f"the workload's cache has {len(repos)} repos: use --loads {len(repos) - 1} or fewer")
+    AutoModel.from_pretrained(repos[0], trust_remote_code=True)  # warm-up
+    gc.collect()
+    gc.freeze()
+    parts = {True: collections.Counter(), False: collections.Counter()}
+    runs = {True: [], False: []}
+
+    def timed(name, f, acc):
+        @functools.wraps(f)
+        def w(*args, **kwargs):
+            t = time.thread_time()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                acc[name] += time.thread_time() - t
+        return w
+
+    for i in range(1, a.loads + 1):
+        guarded = (i // 2) % 2 == 0
+        if guarded:
+            tmtguard.activate(mode="enforce", allowlists=[allow])
+        else:
+            tmtguard.deactivate()
+        saved = {n: getattr(dmu, n) for n in NAMES}
+        for n in NAMES:
+            setattr(dmu, n, timed(n, saved[n], parts[guarded]))
+        gc.collect()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        AutoModel.from_pretrained(repos[i], trust_remote_code=True)
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        for n in NAMES:
+            setattr(dmu, n, saved[n])
+        runs[guarded].append((wall, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime))
+    tmtguard.deactivate()
+    n = {k: len(v) for k, v in runs.items()}
+    wall = {k: statistics.median(x[0] for x in v) * 1e3 for k, v in runs.items()}
+    cpu = {k: statistics.mean(x[1] for x in v) * 1e3 for k, v in runs.items()}
+    print(f"{a.loads} loads in one process, {n[True]} guarded / {n[False]} unguarded, alternating in pairs")
+    print(f"wall median   guarded {wall[True]:7.2f} ms  unguarded {wall[False]:7.2f} ms  ratio {wall[True] / wall[False]:.3f}")
+    print(f"CPU mean      guarded {cpu[True]:7.2f} ms  unguarded {cpu[False]:7.2f} ms  ratio {cpu[True] / cpu[False]:.3f}")
+    for name in NAMES:
+        g, u = parts[True][name] / n[True] * 1e3, parts[False][name] / n[False] * 1e3
+        print(f"  {name:24s} guarded {g:6.2f} ms  unguarded {u:6.2f} ms  (+{g - u:.2f}; inclusive, thread CPU)")
+    return 0
+
+
+if __name__ == "__main__":
+    rc = main()
+    sys.stdout.flush()
+    os._exit(rc)
