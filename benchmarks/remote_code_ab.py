@@ -10,6 +10,9 @@ worker does. "Unguarded" here still has tmtguard's C audit hook installed (it ca
 CPython builds every audit event's arguments in both phases: the difference is the guards' own work,
 not the price of having an audit hook (which the instruction count covers: see benchmarks/README.md).
 It also times the patched transformers functions in both phases (thread CPU time, inclusive).
+
+Caveat: re-activating every two loads drops the guard's caches (the file guard's read settings among
+them), so the guarded phase includes some work a process that stays guarded does not repeat.
 """
 from __future__ import annotations
 
