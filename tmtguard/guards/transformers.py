@@ -453,10 +453,8 @@ def _relative_import_files(module_file: str) -> list:
     get = getattr(dmu, "get_relative_imports", None)
     if get is None:
         return dmu.get_relative_import_files(module_file)
-    clean = _path_str(module_file)
-    parent = clean.rpartition("/")[0] if "/" in clean else ""
-    if clean.startswith("/") and parent == "":
-        parent = "/"
+    head, sep, _ = _path_str(module_file).rpartition("/")
+    prefix = head + "/" if head else sep  # "a/" for a/x.py, "/" for /x.py, "" for x.py (Path's parent ".")
     everything: list = []
     to_check = [module_file]
     while True:
@@ -464,9 +462,9 @@ def _relative_import_files(module_file: str) -> list:
         for f in to_check:
             found.extend(get(f))
         for m in found:
-            if not m or m == "." or "/" in m or "\0" in m:
+            if not m or m == "." or "/" in m:  # Path would drop or re-root the component
                 return dmu.get_relative_import_files(module_file)
-        files = [(f"{parent.rstrip('/')}/{m}.py" if parent else f"{m}.py") for m in found]
+        files = [f"{prefix}{m}.py" for m in found]
         to_check = [f for f in files if f not in everything]
         if not to_check:
             return everything
