@@ -387,7 +387,7 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
     relatively; returns [((names the file runs under...), _Record, real path)] to register as model
     code. ``packages``: the load's set of package folders already checked (see _modified)."""
     base = _modules_cache()
-    modpath = (_path_str(copy), os.path.abspath(copy))  # as get_class_in_module names it, and absolute
+    modpath = (_path_str(copy), _abspath(copy))  # as get_class_in_module names it, and absolute
     if main is None:
         code = remote_code.CodeFile("?", "", os.path.relpath(copy, base), copy, local=True)
         decision.refuse(ACTION, copy,
@@ -404,10 +404,14 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
     folder = os.path.dirname(copy)
     with provenance.internal():
         related = _relative_import_files(copy)
+    inside = posixpath.dirname(main.code.file)
     for rel_copy in related:
         rel_real = provenance.realpath(rel_copy)
-        name = os.path.relpath(rel_copy, folder).replace(os.sep, "/")
-        file = posixpath.normpath(posixpath.join(posixpath.dirname(main.code.file), name))
+        name = _relative_name(rel_copy, folder)
+        if _plain(name) and (not inside or _clean(inside)):
+            file = f"{inside}/{name}" if inside else name
+        else:
+            file = posixpath.normpath(posixpath.join(inside, name))
         rec = _decided.get(rel_real)
         if rec is None or rec.code.file != file or rec.code.repo != main.code.repo:
             snapshot = os.path.join(main.code.root, *file.split("/"))
@@ -421,10 +425,16 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
         if rel_digest != rec.digest:
             _tampered(rec.code, rec.digest, rel_copy, rel_digest, outer + (_frame(_code_spec(rec.code, rec.digest)),))
         _decided[rel_real] = rec
-        files.append(((rel_copy, os.path.abspath(rel_copy)), rec, rel_real))
+        files.append(((rel_copy, _abspath(rel_copy)), rec, rel_real))
     by_folder: dict = {}
     for names, rec, _real in files:
-        by_folder.setdefault(os.path.dirname(names[-1]), []).append((os.path.basename(names[-1]), rec))
+        path = names[-1]
+        if _clean(path):  # os.path.dirname / basename by one split
+            where, _, base_name = path.rpartition("/")
+            where = where or ("/" if path.startswith("/") else "")
+        else:
+            where, base_name = os.path.dirname(path), os.path.basename(path)
+        by_folder.setdefault(where, []).append((base_name, rec))
     for where, group in by_folder.items():
         problem = _modified(where, group, base, packages)
         if problem:
@@ -442,6 +452,33 @@ def _path_str(path: str) -> str:
             and not path.startswith("./") and path != ".":
         return path
     return str(Path(path))
+
+
+def _clean(path: str) -> bool:
+    """``path`` has no empty, ``.`` or ``..`` component and no trailing slash: os.path.normpath
+    returns it unchanged."""
+    return bool(path) and "//" not in path and "/./" not in path and "/../" not in path \
+        and not path.endswith(("/", "/.", "/..")) and not path.startswith(("./", "../")) and path not in (".", "..")
+
+
+def _abspath(path: str) -> str:
+    """os.path.abspath(path) without its normpath work when ``path`` is absolute and clean already."""
+    return path if path.startswith("/") and _clean(path) else os.path.abspath(path)
+
+
+def _plain(name: str) -> bool:
+    """A file name with no folder part and no ``.``/``..`` (joined by a plain ``/``)."""
+    return bool(name) and "/" not in name and name not in (".", "..")
+
+
+def _relative_name(path: str, folder: str) -> str:
+    """os.path.relpath(path, folder) with ``/`` separators, without its work when ``path`` is a
+    clean name directly below a clean ``folder`` (a relative import of the module next to it)."""
+    if path.startswith(folder) and path[len(folder):len(folder) + 1] == "/" and _clean(folder):
+        rest = path[len(folder) + 1:]
+        if _plain(rest):
+            return rest
+    return os.path.relpath(path, folder).replace(os.sep, "/")
 
 
 def _relative_import_files(module_file: str) -> list:
