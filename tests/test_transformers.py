@@ -847,6 +847,26 @@ def test_a_fifo_is_no_empty_package_file(tmp_path, planted):
         assert problem is None
 
 
+@pytest.mark.parametrize("folder", ["/m/c/x", "/m/c/x/", "/m//c/x", "m/c", "/", "m", "/m/./c", "/m/../c"])
+@pytest.mark.parametrize("name", ["x.py", "../x.py", "./x.py", "y/x.py", ".", "..", "x..py"])
+def test_the_plan_names_files_as_os_path_would(folder, name):
+    """The plan's string shortcuts give os.path's answers: abspath, relpath, dirname + basename, and
+    the snapshot-relative name of a relative import (normpath of a join)."""
+    from tmtguard.guards import transformers as tg
+
+    path = folder + "/" + name
+    assert tg._relative_name(path, folder) == os.path.relpath(path, folder)
+    if path.startswith("/"):
+        assert tg._abspath(path) == os.path.abspath(path)
+    if tg._clean(path):
+        assert os.path.normpath(path) == path
+    for inside in ("", "sub", "sub/deeper", "sub/../x", "./sub"):
+        plain = tg._plain(name) and (not inside or tg._clean(inside))
+        if plain:
+            joined = f"{inside}/{name}" if inside else name
+            assert joined == os.path.normpath(os.path.join(inside, name))
+
+
 def test_the_plan_lists_the_relative_imports_transformers_would(tmp_path, monkeypatch):
     """The plan's string-join listing of a copy's relative imports is transformers' own list: chains of
     relative imports, a file reached twice, a copy at the top of a folder, a relative path; and for an
