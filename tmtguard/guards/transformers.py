@@ -355,8 +355,10 @@ def _get_class_in_module(original):
         real = provenance.realpath(copy)
         main = _decided.get(real)
         head = _head_spec(load, main.code if main else None)
-        with _Pushed(head):
-            outer = provenance.peek()
+        spec = _code_spec(main.code, main.digest) if main else ("remote_code", copy, copy, None, None, None)
+        # one push of the model and the file that runs; the plan's own chains end at the model
+        with _Pushed(head, spec) as pushed:
+            outer = pushed[:-1]
             try:
                 files = _plan(copy, real, main, outer, load.packages if load is not None else None)
             except decision.Violation:
@@ -365,14 +367,12 @@ def _get_class_in_module(original):
                 decision.failed(ACTION, copy, exc)
                 files = []
             for name, rec, file_real in files:
-                chain = outer + (_frame(_code_spec(rec.code, rec.digest)),)
+                chain = pushed if rec is main else outer + (_frame(_code_spec(rec.code, rec.digest)),)
                 # the real path was resolved and the file hashed (equal to its decided digest) in _plan
                 verified = file_real if rec.digest is not None else None
                 for alias in dict.fromkeys(name):  # the names it runs under, once each
                     provenance.register_model_code(alias, chain, verified)
-            spec = _code_spec(main.code, main.digest) if main else ("remote_code", copy, copy, None, None, None)
-            with _Pushed(spec):
-                cls = original(class_name, module_path, *args, **kwargs)
+            cls = original(class_name, module_path, *args, **kwargs)
         if main is not None and isinstance(cls, type):
             _origins[cls] = main
         if load is not None:
