@@ -293,6 +293,54 @@ def s_planted(j):
             prepare=lambda modules: plant(modules, j.fx["tamper"]))
 
 
+def plant_bytecode(modules: Path, info: dict, prefix: Path | None = None) -> Path:
+    """An unchanged copy of the configuration file with, where the import system will look for its
+    cached bytecode (``__pycache__`` next to it, or under ``PYTHONPYCACHEPREFIX``), bytecode compiled from
+    other source, stamped with the copy's mtime and size so that Python takes it as up to date."""
+    import importlib.util
+    from importlib._bootstrap_external import _code_to_timestamp_pyc
+
+    copy = modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "configuration_tiny")
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    source = info["code_files"]["configuration_tiny.py"].read_text()
+    copy.write_text(source)
+    st = copy.stat()
+    code = compile(source + "\n" + mark("planted bytecode ran"), str(copy), "exec")
+    saved = sys.pycache_prefix
+    sys.pycache_prefix = str(prefix) if prefix is not None else None
+    try:
+        pyc = Path(importlib.util.cache_from_source(str(copy)))
+    finally:
+        sys.pycache_prefix = saved
+    pyc.parent.mkdir(parents=True, exist_ok=True)
+    pyc.write_bytes(bytes(_code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size)))
+    return pyc
+
+
+def s_bytecode(j):
+    j.start("bytecode", LOAD % "acme/tampered", allow=[j.fx["tamper_allow"]],
+            prepare=lambda modules: plant_bytecode(modules, j.fx["tamper"]))
+
+
+def s_bytecode_unguarded(j):
+    j.start("bytecode_unguarded", LOAD % "acme/tampered", mode=None,
+            prepare=lambda modules: plant_bytecode(modules, j.fx["tamper"]))
+
+
+def s_bytecode_prefix(j):
+    prefix = j.fx["root"] / "pyc-prefix"
+    j.start("bytecode_prefix", LOAD % "acme/tampered", allow=[j.fx["tamper_allow"]],
+            extra_env={"PYTHONPYCACHEPREFIX": str(prefix)},
+            prepare=lambda modules: plant_bytecode(modules, j.fx["tamper"], prefix))
+
+
+def s_bytecode_prefix_unguarded(j):
+    prefix = j.fx["root"] / "pyc-prefix-unguarded"
+    j.start("bytecode_prefix_unguarded", LOAD % "acme/tampered", mode=None,
+            extra_env={"PYTHONPYCACHEPREFIX": str(prefix)},
+            prepare=lambda modules: plant_bytecode(modules, j.fx["tamper"], prefix))
+
+
 def plant_package_init(modules: Path, info: dict) -> Path:
     """A package __init__.py with a payload in the code repo's folder, above the commit folder of the
     copies (transformers creates an empty one there, and keeps one that exists). It runs when the
@@ -470,6 +518,8 @@ SCENARIOS = {
     "test_tampered_modules_cache_copy": [s_tampered, s_unguarded],
     "test_planted_module_next_to_the_copies": [s_planted],
     "test_planted_package_init_above_the_copies": [s_package_init],
+    "test_planted_bytecode_of_a_copy_never_runs": [s_bytecode, s_bytecode_unguarded, s_bytecode_prefix,
+                                                    s_bytecode_prefix_unguarded],
     "test_import_payload_never_imported": [s_import_payload, s_unguarded],
     "test_allowed_transitive_model_runs_and_is_model_code": [s_allowed],
     "test_pin_output_refuses_moved_code_repo": [s_allowed],
@@ -586,6 +636,19 @@ def test_planted_package_init_above_the_copies(fx, jobs):
     # what the check prevents: unguarded, the planted package file runs when the model imports its helper
     u = jobs.result("package_init_unguarded")
     assert u.out["load"]["ok"] and "package init ran" in u.marks
+
+
+def test_planted_bytecode_of_a_copy_never_runs(fx, jobs):
+    """Cached bytecode stamped as up to date with a verified copy is removed before the copy runs, in
+    ``__pycache__`` next to it and under ``PYTHONPYCACHEPREFIX``: the verified source runs instead."""
+    for name in ("bytecode", "bytecode_prefix"):
+        r = jobs.result(name)
+        assert r.out["load"]["ok"], (name, r.out["load"], r.stderr[-2000:])
+        assert r.marks == [], name
+    # what the removal prevents: unguarded, Python runs the planted bytecode instead of the source
+    for name in ("bytecode_unguarded", "bytecode_prefix_unguarded"):
+        u = jobs.result(name)
+        assert u.out["load"]["ok"] and u.marks == ["planted bytecode ran"], (name, u.out["load"], u.marks)
 
 
 def test_import_payload_never_imported(fx, jobs):

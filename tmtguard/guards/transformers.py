@@ -40,6 +40,7 @@ code that load declares.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import posixpath
 import stat
@@ -514,9 +515,10 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None) 
     name, a package ``__init__`` that is not the empty file transformers creates, or a module next to
     them that is no copy of the snapshot's file of that name (code could import it with
     ``from . import x``, which transformers does not fetch). Cached bytecode of the copies is removed
-    so that Python compiles the verified source. ``packages``: package folders above ``folder`` whose
-    ``__init__`` files were checked earlier in the same load (a model's configuration and modeling
-    classes share them); they are not listed again, and those checked now are added."""
+    (in ``__pycache__`` and under ``sys.pycache_prefix``) so that Python compiles the verified source.
+    ``packages``: package folders above ``folder`` whose ``__init__`` files were checked earlier in the
+    same load (a model's configuration and modeling classes share them); they are not listed again, and
+    those checked now are added."""
     with provenance.internal():
         try:
             entries = set(_listdir(folder))
@@ -544,6 +546,17 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None) 
                     pass
                 except OSError as exc:
                     return f"cannot remove the cached bytecode {os.path.join(cache, n)}: {exc.strerror}"
+        if sys.pycache_prefix:  # PYTHONPYCACHEPREFIX: the import system reads the bytecode from there
+            for name in sorted(names):
+                if not name.endswith(".py"):
+                    continue
+                try:
+                    pyc = importlib.util.cache_from_source(_path_str(os.path.join(folder, name)))
+                    os.unlink(pyc)
+                except FileNotFoundError:
+                    pass
+                except (OSError, ValueError, NotImplementedError) as exc:
+                    return f"cannot remove the cached bytecode of {os.path.join(folder, name)}: {exc}"
         code = group[0][1].code
         inside = posixpath.dirname(code.file)
         for name in sorted(entries - names):
