@@ -446,13 +446,10 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
 
 
 def _path_str(path: str) -> str:
-    """``str(Path(path))`` without building a Path when ``path`` is already in that form (no empty
-    or ``.`` component, no trailing slash): the common case, a modules-cache path joined by
-    os.path.join."""
-    if path and "//" not in path and "/./" not in path and not path.endswith(("/", "/.")) \
-            and not path.startswith("./") and path != ".":
-        return path
-    return str(Path(path))
+    """``str(Path(path))`` without building a Path when ``path`` is clean (see _clean; Path drops
+    empty and ``.`` components and a trailing slash, so a clean path is already in its form): the
+    common case, a modules-cache path joined by os.path.join."""
+    return path if _clean(path) else str(Path(path))
 
 
 def _clean(path: str) -> bool:
