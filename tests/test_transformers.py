@@ -187,6 +187,14 @@ def attempt(key, fn):
 def done():
     print("RESULT " + json.dumps(out, default=repr))
 
+def released(repo):  # a loaded model is freed once the application drops it
+    import gc, weakref
+    model = AutoModel.from_pretrained(repo, trust_remote_code=True)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    return ref() is None
+
 import torch
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel  # the framework, imported up front
 X = torch.tensor(%(x)r)
@@ -375,6 +383,7 @@ os.environ["TMT_CONNECT_PORT"] = str(srv.getsockname()[1])
 m = AutoModel.from_pretrained("acme/tiny-allowed", trust_remote_code=True)
 attempt("forward_connect", lambda: m(X).tolist())
 attempt("moved", lambda: AutoModel.from_pretrained("acme/moved", trust_remote_code=True))
+attempt("released", lambda: released("acme/tiny-allowed"))
 done()
 """
 
@@ -461,6 +470,7 @@ attempt("trusted", lambda: type(AutoModel.from_pretrained("acme/trusted", trust_
 attempt("mixed", lambda: type(AutoModel.from_pretrained("evil/mixed", trust_remote_code=True)).__module__)
 from transformers.generation.utils import GenerationMixin
 attempt("generate", lambda: GenerationMixin.load_custom_generate(object(), "acme/custom-generate", trust_remote_code=True)(None))
+attempt("released", lambda: released("acme/trusted"))
 out["tmtguard_loaded"] = "tmtguard" in sys.modules
 done()
 """
@@ -523,6 +533,7 @@ SCENARIOS = {
     "test_import_payload_never_imported": [s_import_payload, s_unguarded],
     "test_allowed_transitive_model_runs_and_is_model_code": [s_allowed],
     "test_pin_output_refuses_moved_code_repo": [s_allowed],
+    "test_a_dropped_model_is_freed": [s_allowed, s_unguarded],
     "test_reregistration_model_class": [s_rr_model, s_unguarded],
     "test_reregistration_config_class_and_undeclared": [s_rr_config],
     "test_local_folder_blocked": [s_local_blocked, s_unguarded],
@@ -683,6 +694,13 @@ def test_allowed_transitive_model_runs_and_is_model_code(fx, jobs):
     assert chain_of(net) == [("from_pretrained", f"acme/tiny-allowed@{info['commit']}"),
                              ("remote_code", f"other/code-ok@{info['code_commit']}/modeling_tiny.py")]
     assert net["origin"]["file"].endswith(hf.hub_module_relpath("other/code-ok", info["code_commit"], "modeling_tiny"))
+
+
+def test_a_dropped_model_is_freed(fx, jobs):
+    # the guard keeps what it decided (records, chains) but nothing of the load itself: a frame kept
+    # past its load held the whole stack's locals, the model among them, for the life of the process
+    assert jobs.result("unguarded").out["released"] == {"ok": True, "value": True}
+    assert jobs.result("allowed").out["released"] == {"ok": True, "value": True}
 
 
 def test_pin_output_refuses_moved_code_repo(fx, jobs):

@@ -343,6 +343,7 @@ def close_lazy(pyframe, error: BaseException | None) -> None:
     if held is not None:
         frame, token = held
         _CHAIN.reset(token)
+        frame.entry = None
         telemetry.end_load(frame, error)
 
 
@@ -378,6 +379,7 @@ def pop_many(frames, token, error: BaseException | None = None) -> None:
     """pop() of what push_many() pushed, innermost first."""
     _CHAIN.reset(token)
     for frame in reversed(frames):
+        frame.entry = None
         telemetry.end_load(frame, error)
 
 
@@ -394,6 +396,7 @@ def call_in_frame(frame: LoadFrame, token, fn, *args, **kwargs):
 
 def pop(frame: LoadFrame, token, error: BaseException | None = None) -> None:
     _CHAIN.reset(token)
+    frame.entry = None
     frame._data = None if frame._sha256 is not None else frame._data
     telemetry.end_load(frame, error)
 
