@@ -928,6 +928,43 @@ def test_a_fifo_is_no_empty_package_file(tmp_path, planted):
         assert problem is None
 
 
+def test_a_package_imported_already_is_not_checked_again(tmp_path, monkeypatch):
+    """The walk up from the copies checks the ``__init__`` of every package folder a first import would
+    run; one whose package is imported already, from that folder, does not run again whatever the file
+    holds now, and is skipped (a listing fewer per folder and load). Imported from another folder, or
+    by another kind of object, it is checked."""
+    base = Path(os.path.realpath(tmp_path)) / "modules"
+    top = "tmt_pkg_skip"
+    folder = base / top / "org" / "repo" / ("a" * 40)
+    folder.mkdir(parents=True)
+    (folder / "modeling_x.py").write_text("x = 1\n")
+    for d in (folder, folder.parent, folder.parent.parent, folder.parent.parent.parent):
+        (d / "__init__.py").write_text("")
+    code = remote_code.CodeFile("org/repo", "a" * 40, "modeling_x.py", str(tmp_path / "snapshot" / "modeling_x.py"))
+    group = [("modeling_x.py", hfguard._Record(code, "0" * 64))]
+    assert hfguard._modified(str(folder), group, str(base), set()) is None
+    monkeypatch.syspath_prepend(str(base))
+    try:
+        import importlib
+
+        importlib.import_module(f"{top}.org.repo")  # imported (the empty __init__ files ran)
+        init = folder.parent / "__init__.py"
+        init.write_text("raise RuntimeError('package init ran')\n")
+        refused = f"{init} is not the empty package file transformers creates"
+        assert hfguard._modified(str(folder), group, str(base), set()) is None
+        # what Python does next: the commit package imports; the changed __init__ does not run
+        importlib.import_module(f"{top}.org.repo.{'a' * 40}.modeling_x")
+        pkg = sys.modules[f"{top}.org.repo"]
+        pkg.__path__ = [str(base / "elsewhere")]
+        assert hfguard._modified(str(folder), group, str(base), set()) == refused
+        pkg.__path__ = [str(folder.parent)]
+        sys.modules[f"{top}.org.repo"] = types.SimpleNamespace(__path__=[str(folder.parent)])
+        assert hfguard._modified(str(folder), group, str(base), set()) == refused
+    finally:
+        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+            del sys.modules[name]
+
+
 @pytest.mark.parametrize("folder", ["/m/c/x", "/m/c/x/", "/m//c/x", "m/c", "/", "m", "/m/./c", "/m/../c"])
 @pytest.mark.parametrize("name", ["x.py", "../x.py", "./x.py", "y/x.py", ".", "..", "x..py"])
 def test_the_plan_names_files_as_os_path_would(folder, name):

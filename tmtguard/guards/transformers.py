@@ -112,14 +112,14 @@ class _Load:
     code may run (the head of the chain), resolved only when remote code is involved."""
 
     __slots__ = ("loader", "name", "revision", "cache_dir", "label", "path", "repo", "commit", "resolved",
-                 "delivered", "checked", "packages")
+                 "ref_read", "delivered", "checked", "packages")
 
     def __init__(self, loader, name, revision, cache_dir):
         self.loader = loader
         self.name = name
         self.revision = revision
         self.cache_dir = cache_dir
-        self.resolved = False
+        self.resolved = self.ref_read = False
         self.label = self.path = self.repo = self.commit = None
         self.delivered = set()  # classes the dynamic path handed this load
         self.checked = set()  # registry-served classes already decided for this load
@@ -171,7 +171,8 @@ def _hub_commit(repo: str, revision=None, cache_dir=None) -> str | None:
     return commit if remote_code.COMMIT.match(commit) else None
 
 
-def _resolve(load: _Load, code=None) -> None:
+def _resolve_kind(load: _Load) -> None:
+    """Whether the load names a local folder (its real path) or a hub repo, once per load."""
     if not load.resolved:
         load.resolved = True
         name = os.fspath(load.name) if load.name is not None else None
@@ -180,11 +181,22 @@ def _resolve(load: _Load, code=None) -> None:
         elif os.path.isdir(name):
             load.path = load.label = provenance.realpath(name)
         else:
-            load.repo = name
-            load.commit = _hub_commit(name, load.revision, load.cache_dir)
-            load.label = f"{name}@{load.commit}" if load.commit else name
-    if code is not None and load.commit is None and load.repo is not None and code.repo == load.repo and not code.local:
+            load.repo = load.label = name
+
+
+def _resolve(load: _Load, code=None) -> None:
+    """The load's kind and, for a hub repo, its commit: the one the model's own code file was resolved
+    to when that is the code at hand (its snapshot folder), else what ``revision`` names in the hub
+    cache's refs (read once)."""
+    _resolve_kind(load)
+    if load.commit is not None or load.repo is None:
+        return
+    if code is not None and code.repo == load.repo and not code.local and code.revision:
         load.commit = code.revision  # the model's own code told us its commit
+    elif not load.ref_read:
+        load.ref_read = True
+        load.commit = _hub_commit(load.repo, load.revision, load.cache_dir)
+    if load.commit:
         load.label = f"{load.repo}@{load.commit}"
 
 
@@ -259,7 +271,7 @@ def _is_folder(repo: str, load: _Load | None) -> bool:
     """``repo`` names a local folder (not a hub repo id): for the load's own model, as resolved once
     per load."""
     if load is not None and load.name == repo:
-        _resolve(load)
+        _resolve_kind(load)
         return load.path is not None
     return os.path.isdir(repo)
 
@@ -428,7 +440,8 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
         _decided[rel_real] = rec
         files.append(((rel_copy, _abspath(rel_copy)), rec, rel_real))
     by_folder: dict = {}
-    for names, rec, _real in files:
+    real_folders: dict = {}  # folder -> itself, when a file in it is its own real path (see below)
+    for names, rec, file_real in files:
         path = names[-1]
         if _clean(path):  # os.path.dirname / basename by one split
             where, _, base_name = path.rpartition("/")
@@ -436,8 +449,12 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
         else:
             where, base_name = os.path.dirname(path), os.path.basename(path)
         by_folder.setdefault(where, []).append((base_name, rec))
+        if file_real == path:
+            # realpath gave the path back: no component of it is a link (a link to itself would not
+            # resolve), so the folder is its own real path as well
+            real_folders[where] = where
     for where, group in by_folder.items():
-        problem = _modified(where, group, base, packages)
+        problem = _modified(where, group, base, packages, real_folders.get(where))
         if problem:
             name, rec = group[0]
             _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}",
@@ -506,7 +523,8 @@ def _relative_import_files(module_file: str) -> list:
         everything.extend(to_check)
 
 
-def _modified(folder: str, group: list, base: str, packages: set | None = None) -> str | None:
+def _modified(folder: str, group: list, base: str, packages: set | None = None,
+              real_folder: str | None = None) -> str | None:
     """What in the modules cache would run instead of, before or beside the verified copies in
     ``folder`` (``group``: [(file name, _Record)]): a package folder or extension module of the same
     name, a package ``__init__`` that is not the empty file transformers creates, or a module next to
@@ -515,13 +533,15 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None) 
     (in ``__pycache__`` and under ``sys.pycache_prefix``) so that Python compiles the verified source.
     ``packages``: package folders above ``folder`` whose ``__init__`` files were checked earlier in the
     same load (a model's configuration and modeling classes share them); they are not listed again, and
-    those checked now are added."""
+    those checked now are added; and package folders whose package is imported already, as its
+    ``__init__`` does not run again. ``real_folder``: ``folder``'s real path, when the caller knows it."""
     with provenance.internal():
         try:
             entries = set(_listdir(folder))
         except OSError as exc:
             return f"cannot list {folder}: {exc.strerror}"
-        real_folder = provenance.realpath(folder)
+        if real_folder is None:
+            real_folder = provenance.realpath(folder)
         names = {name for name, _ in group}
         stems = {name[:-3] for name in names if name.endswith(".py")}
         for stem in sorted(stems):
@@ -569,10 +589,13 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None) 
             snapshot = os.path.join(code.root, *(inside.split("/") if inside else []), name)
             if not os.path.isfile(snapshot) or provenance.file_digest(path) != provenance.file_digest(snapshot):
                 return f"{path} is not a copy of {snapshot}"
-        root = provenance.realpath(base)
+        if real_folder == folder and base.startswith("/") and _clean(base) and folder.startswith(base + "/"):
+            root = base  # a leading part of a path with no link in it has none either
+        else:
+            root = provenance.realpath(base)
         d = real = real_folder
         while d.startswith(root + os.sep):
-            if d != real and packages is not None and d in packages:
+            if (d != real and packages is not None and d in packages) or _imported_package(d, root):
                 d = os.path.dirname(d)
                 continue
             try:
@@ -592,6 +615,17 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None) 
                 packages.add(d)
             d = os.path.dirname(d)
     return None
+
+
+def _imported_package(folder: str, root: str) -> bool:
+    """The package of modules-cache ``folder`` is imported already, from that very folder (its
+    ``__path__``; the modules cache is on sys.path as ``root`` when ``root`` has no link in it): its
+    ``__init__`` ran when it was imported and does not run again, whatever the file holds now."""
+    module = sys.modules.get(folder[len(root) + 1:].replace(os.sep, "."))
+    if type(module) is not types.ModuleType:  # nor an object whose attribute lookup runs its code
+        return False  # then the folder is checked
+    path = module.__dict__.get("__path__")
+    return type(path) is list and any(type(p) is str and p == folder for p in path)
 
 
 # os.listdir without its audit event, which inside the load is a call into the file guard (our own
