@@ -14,9 +14,9 @@ of ``transformers.dynamic_module_utils``, which call one another through that mo
 The decision is taken in ``check_imports``, before any import, on the file that was resolved: its
 repo, its commit (read from the snapshot path, so the ``main`` of a transitive repo is pinned to
 what is really there), its name and its sha256 (``remote_code.allow``). ``get_cached_module_file``
-then checks that the copy it made (or found: transformers never refreshes an existing hub copy)
-equals the snapshot, and ``get_class_in_module`` checks again, right before ``exec``, the copy and
-every file it imports relatively (deciding those it never fetched), that no package ``__init__``,
+notes which copy that decision is for, and ``get_class_in_module`` checks, right before ``exec``, that
+the copy (made or found: transformers never refreshes an existing hub copy) and every file it imports
+relatively equal the snapshot files decided (deciding those it never fetched), that no package ``__init__``,
 extension module or folder shadows them, and drops their ``__pycache__`` entries, so that what runs is
 what was decided. Each file is then model code (``provenance.register_model_code``) with the chain
 ``from_pretrained(org/model@commit) -> remote_code(other/repo@commit/modeling_x.py)``: its imports,
@@ -95,7 +95,8 @@ _hooked = False
 _patched: list = []  # (owner, attribute, original, replacement): restored by uninstall, kept by tamper.verify
 _replacements: dict = {}  # id(original function) -> (original, replacement), one replacement per original
 
-_decided: dict = {}  # real path of a modules-cache copy -> _Record it was decided as
+_decided: dict = {}  # real path of a modules-cache copy -> _Record it was decided as (and checked before it ran)
+_fetched: dict = {}  # a copy's path, as get_cached_module_file returned it -> _Record it was decided as
 _origins: dict = {}  # class returned by get_class_in_module -> _Record of its file
 
 
@@ -341,7 +342,9 @@ def _get_cached_module_file(original):
 
 
 def _adopt_copy(relpath, req: _Request) -> None:
-    """The copy get_cached_module_file made (or found) must be the snapshot file it decided."""
+    """The copy get_cached_module_file made (or found) is to be the snapshot file it decided: noted by
+    the path transformers will run it from. Its bytes are checked in get_class_in_module, right before
+    they run (nothing runs the copy in between)."""
     copy = os.path.join(_modules_cache(), os.fspath(relpath))
     rec = req.record
     if rec is None:
@@ -350,12 +353,7 @@ def _adopt_copy(relpath, req: _Request) -> None:
             f"{DMU}'s globals: this transformers version's remote-code internals no longer match what "
             "tmtguard guards"))
         return
-    with provenance.internal():
-        copy_digest = provenance.file_digest(copy)
-    if copy_digest != rec.digest:
-        with _Pushed(_head_spec(_LOAD.get()), _code_spec(rec.code, rec.digest)) as chain:
-            _tampered(rec.code, rec.digest, copy, copy_digest, chain)
-    _decided[provenance.realpath(copy)] = rec
+    _fetched[copy] = rec
 
 
 def _get_class_in_module(original):
@@ -366,7 +364,9 @@ def _get_class_in_module(original):
         load = _LOAD.get()
         copy = os.path.join(_modules_cache(), os.fspath(module_path))
         real = provenance.realpath(copy)
-        main = _decided.get(real)
+        main = _fetched.get(copy) or _decided.get(real)
+        if main is not None:
+            _decided[real] = main
         head = _head_spec(load, main.code if main else None)
         spec = _code_spec(main.code, main.digest) if main else ("remote_code", copy, copy, None, None, None)
         # one push of the model and the file that runs; the plan's own chains end at the model
@@ -425,7 +425,7 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
             file = f"{inside}/{name}" if inside else name
         else:
             file = posixpath.normpath(posixpath.join(inside, name))
-        rec = _decided.get(rel_real)
+        rec = _fetched.get(rel_copy) or _decided.get(rel_real)
         if rec is None or rec.code.file != file or rec.code.repo != main.code.repo:
             snapshot = os.path.join(main.code.root, *file.split("/"))
             code = remote_code.CodeFile(main.code.repo, main.code.revision, file, snapshot, main.code.local)
