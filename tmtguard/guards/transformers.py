@@ -533,8 +533,8 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None,
     (in ``__pycache__`` and under ``sys.pycache_prefix``) so that Python compiles the verified source.
     ``packages``: package folders above ``folder`` whose ``__init__`` files were checked earlier in the
     same load (a model's configuration and modeling classes share them); they are not listed again, and
-    those checked now are added; and package folders whose package is imported already, as its
-    ``__init__`` does not run again. ``real_folder``: ``folder``'s real path, when the caller knows it."""
+    those checked now are added; nor package folders above ``folder`` whose package is imported already,
+    as its ``__init__`` does not run again. ``real_folder``: ``folder``'s real path, when the caller knows it."""
     with provenance.internal():
         try:
             entries = set(_listdir(folder))
@@ -595,7 +595,7 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None,
             root = provenance.realpath(base)
         d = real = real_folder
         while d.startswith(root + os.sep):
-            if (d != real and packages is not None and d in packages) or _imported_package(d, root):
+            if d != real and ((packages is not None and d in packages) or _imported_package(d, root)):
                 d = os.path.dirname(d)
                 continue
             try:
