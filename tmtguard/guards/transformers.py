@@ -192,11 +192,15 @@ def _resolve(load: _Load, code=None) -> None:
     _resolve_kind(load)
     if load.commit is not None or load.repo is None:
         return
-    if code is not None and code.repo == load.repo and not code.local and code.revision:
+    own = code is not None and code.repo == load.repo and not code.local
+    if own and remote_code.COMMIT.match(code.revision or ""):
         load.commit = code.revision  # the model's own code told us its commit
-    elif not load.ref_read:
-        load.ref_read = True
-        load.commit = _hub_commit(load.repo, load.revision, load.cache_dir)
+    else:
+        if not load.ref_read:
+            load.ref_read = True
+            load.commit = _hub_commit(load.repo, load.revision, load.cache_dir)
+        if load.commit is None and own and code.revision:
+            load.commit = code.revision  # no ref to read: what its snapshot folder is named
     if load.commit:
         load.label = f"{load.repo}@{load.commit}"
 
