@@ -384,6 +384,17 @@ m = AutoModel.from_pretrained("acme/tiny-allowed", trust_remote_code=True)
 attempt("forward_connect", lambda: m(X).tolist())
 attempt("moved", lambda: AutoModel.from_pretrained("acme/moved", trust_remote_code=True))
 attempt("released", lambda: released("acme/tiny-allowed"))
+
+def module_hash():  # transformers' own hash of the module and its relative imports, as it stored it
+    import hashlib
+    from pathlib import Path
+    import transformers.dynamic_module_utils as dmu
+    m = sys.modules[type(AutoModel.from_pretrained("acme/tiny-allowed", trust_remote_code=True)).__module__]
+    own = getattr(dmu.get_relative_import_files, "_tmtguard_original", dmu.get_relative_import_files)
+    files = [Path(m.__file__)] + sorted(map(Path, own(m.__file__)))
+    return {"files": len(files), "same": hashlib.sha256(b"".join(bytes(f) + f.read_bytes() for f in files)).hexdigest()
+            == m.__transformers_module_hash__, "shortcut": hasattr(dmu.get_relative_import_files, "_tmtguard_original")}
+attempt("module_hash", module_hash)
 done()
 """
 
@@ -694,6 +705,8 @@ def test_allowed_transitive_model_runs_and_is_model_code(fx, jobs):
     assert chain_of(net) == [("from_pretrained", f"acme/tiny-allowed@{info['commit']}"),
                              ("remote_code", f"other/code-ok@{info['code_commit']}/modeling_tiny.py")]
     assert net["origin"]["file"].endswith(hf.hub_module_relpath("other/code-ok", info["code_commit"], "modeling_tiny"))
+    # the plan's list of relative-import files, handed to transformers' module hash, is transformers' own
+    assert r.out["module_hash"] == {"ok": True, "value": {"files": 3, "same": True, "shortcut": True}}
 
 
 def test_a_dropped_model_is_freed(fx, jobs):

@@ -45,6 +45,7 @@ import os
 import posixpath
 import stat
 import sys
+import threading
 import types
 from contextvars import ContextVar
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -97,6 +98,7 @@ _replacements: dict = {}  # id(original function) -> (original, replacement), on
 
 _decided: dict = {}  # real path of a modules-cache copy -> _Record it was decided as (and checked before it ran)
 _fetched: dict = {}  # a copy's path, as get_cached_module_file returned it -> _Record it was decided as
+_planned = threading.local()  # files: (copy, its relative-import files) while get_class_in_module runs it
 _origins: dict = {}  # class returned by get_class_in_module -> _Record of its file
 
 
@@ -389,7 +391,10 @@ def _get_class_in_module(original):
                 verified = file_real if rec.digest is not None else None
                 for alias in dict.fromkeys(name):  # the names it runs under, once each
                     provenance.register_model_code(alias, chain, verified)
-            cls = original(class_name, module_path, *args, **kwargs)
+            try:
+                cls = original(class_name, module_path, *args, **kwargs)
+            finally:
+                _planned.files = None
         if main is not None and isinstance(cls, type):
             _origins[cls] = main
         if load is not None:
@@ -421,6 +426,8 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
     folder = os.path.dirname(copy)
     with provenance.internal():
         related = _relative_import_files(copy)
+    # what transformers' get_relative_import_files(copy) returns, for its module hash right after
+    _planned.files = (modpath[0], tuple(related))
     inside = posixpath.dirname(main.code.file)
     for rel_copy in related:
         rel_real = provenance.realpath(rel_copy)
@@ -899,12 +906,35 @@ def _patch_dmu(dmu) -> None:
         replacement._tmtguard_original = current
         _replacements[id(current)] = (current, replacement)
         _set(dmu, name, current, replacement)
-    current = getattr(dmu, "get_relative_imports", None)
-    if isinstance(current, types.FunctionType) and getattr(current, "_tmtguard_original", None) is None:
-        replacement = _memo_relative_imports(current)  # speed only: not part of what is guarded
-        replacement._tmtguard_original = current
-        _set(dmu, "get_relative_imports", current, replacement)
+    for name, make in (("get_relative_imports", _memo_relative_imports),
+                       ("get_relative_import_files", _planned_relative_import_files)):
+        current = getattr(dmu, name, None)
+        if isinstance(current, types.FunctionType) and getattr(current, "_tmtguard_original", None) is None:
+            replacement = make(current)  # speed only: not part of what is guarded
+            replacement._tmtguard_original = current
+            _set(dmu, name, current, replacement)
     _rebind()
+
+
+def _planned_relative_import_files(original):
+    """get_class_in_module hashes the copy and the files it imports relatively (to tell whether a module
+    it loaded before changed), listing them with get_relative_import_files: the list the plan built for
+    that copy a moment before, on the same thread, which is handed back instead of being built again
+    (~60 us a file). Any other call, or once that get_class_in_module returned, is transformers' own."""
+
+    @functools.wraps(original)
+    def get_relative_import_files(module_file):
+        held = getattr(_planned, "files", None)
+        if held is not None:
+            try:
+                same = os.fspath(module_file) == held[0]
+            except TypeError:
+                same = False
+            if same:
+                return list(held[1])
+        return original(module_file)
+
+    return get_relative_import_files
 
 
 def _memo_relative_imports(original):
