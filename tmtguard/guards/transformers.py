@@ -379,22 +379,22 @@ def _get_class_in_module(original):
         with _Pushed(head, spec) as pushed:
             outer = pushed[:-1]
             try:
-                files = _plan(copy, real, main, outer, load.packages if load is not None else None)
-            except decision.Violation:
-                raise
-            except Exception as exc:
-                decision.failed(ACTION, copy, exc)
-                files = []
-            for name, rec, file_real in files:
-                chain = pushed if rec is main else outer + (_frame(_code_spec(rec.code, rec.digest)),)
-                # the real path was resolved and the file hashed (equal to its decided digest) in _plan
-                verified = file_real if rec.digest is not None else None
-                for alias in dict.fromkeys(name):  # the names it runs under, once each
-                    provenance.register_model_code(alias, chain, verified)
-            try:
+                try:
+                    files = _plan(copy, real, main, outer, load.packages if load is not None else None)
+                except decision.Violation:
+                    raise
+                except Exception as exc:
+                    decision.failed(ACTION, copy, exc)
+                    files = []
+                for name, rec, file_real in files:
+                    chain = pushed if rec is main else outer + (_frame(_code_spec(rec.code, rec.digest)),)
+                    # the real path was resolved and the file hashed (equal to its decided digest) in _plan
+                    verified = file_real if rec.digest is not None else None
+                    for alias in dict.fromkeys(name):  # the names it runs under, once each
+                        provenance.register_model_code(alias, chain, verified)
                 cls = original(class_name, module_path, *args, **kwargs)
             finally:
-                _planned.files = None
+                _planned.files = None  # the plan's list serves this call only, whatever way it ends
         if main is not None and isinstance(cls, type):
             _origins[cls] = main
         if load is not None:
