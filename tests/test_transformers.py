@@ -973,7 +973,6 @@ def test_a_package_imported_already_is_not_checked_again(tmp_path, monkeypatch):
         pkg = sys.modules[f"{top}.org.repo"]
         pkg.__path__ = [str(base / "elsewhere")]
         assert hfguard._modified(str(folder), group, str(base), set()) == refused
-        pkg.__path__ = [str(folder.parent)]
         sys.modules[f"{top}.org.repo"] = types.SimpleNamespace(__path__=[str(folder.parent)])
         assert hfguard._modified(str(folder), group, str(base), set()) == refused
     finally:
