@@ -351,22 +351,27 @@ def s_bytecode_prefix_unguarded(j):
             prepare=lambda modules: plant_bytecode(modules, j.fx["tamper"], prefix))
 
 
-def plant_package_init(modules: Path, info: dict) -> Path:
-    """A package __init__.py with a payload in the code repo's folder, above the commit folder of the
-    copies (transformers creates an empty one there, and keeps one that exists). It runs when the
-    model's code first imports a module of its package that transformers did not load itself (the
-    helper module): importing it imports the parent packages."""
-    return plant(modules, info, "__init__.py", "package init ran", up=1)
+def plant_package_init(modules: Path, info: dict, up: int = 1) -> Path:
+    """A package __init__.py with a payload in the code repo's folder (``up=1``), above the commit folder
+    of the copies, or in the commit folder itself (``up=0``); transformers creates an empty one there,
+    and keeps one that exists. It runs when the model's code first imports a module of its package
+    that transformers did not load itself (the helper module): importing it imports the parent
+    packages."""
+    return plant(modules, info, "__init__.py", "package init ran", up=up)
 
 
 def s_package_init(j):
     info = j.fx["rel"]
     allow = [("evil/rel-code", info["code_commit"], {n: digest(info["code_files"][n]) for n in
                                                      ("configuration_tiny.py", "modeling_tiny.py", "helpers_tiny.py")})]
-    j.start("package_init", LOAD % "acme/rel-import", allow=[allow],
-            prepare=lambda modules: plant_package_init(modules, info))
-    j.start("package_init_unguarded", LOAD % "acme/rel-import", mode=None,
-            prepare=lambda modules: plant_package_init(modules, info))
+    for up in (1, 0):
+        j.start(f"package_init_{up}", LOAD % "acme/rel-import", allow=[allow],
+                prepare=lambda modules, up=up: plant_package_init(modules, info, up))
+        j.start(f"package_init_{up}_unguarded", LOAD % "acme/rel-import", mode=None,
+                prepare=lambda modules, up=up: plant_package_init(modules, info, up))
+    # a model whose code imports no module of its package: the planted file never runs, nor is it read
+    j.start("package_init_never_imported", LOAD % "acme/tampered", allow=[j.fx["tamper_allow"]],
+            prepare=lambda modules: plant_package_init(modules, j.fx["tamper"]))
 
 
 def s_import_payload(j):
@@ -650,17 +655,30 @@ def test_planted_module_next_to_the_copies(fx, jobs):
 
 
 def test_planted_package_init_above_the_copies(fx, jobs):
-    # checked once per load (the configuration and modeling classes share their package folders)
+    """A package __init__ of the modules cache is checked as Python imports the package (here: the
+    model's code imports its helper, which imports the commit's and the repo's packages), in the
+    commit folder of the copies and above it."""
     info = fx["rel"]
-    r = jobs.result("package_init")
-    assert r.out["load"]["type"] == "RemoteCodeViolation"
-    assert r.marks == []
-    [event] = remote_events(r.events)
-    init = (r.modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "x")).parent.parent / "__init__.py"
-    assert f"{init} is not the empty package file transformers creates" in event["rule"]
-    # what the check prevents: unguarded, the planted package file runs when the model imports its helper
-    u = jobs.result("package_init_unguarded")
-    assert u.out["load"]["ok"] and "package init ran" in u.marks
+    for up in (1, 0):
+        r = jobs.result(f"package_init_{up}")
+        assert r.out["load"]["type"] == "RemoteCodeViolation", (up, r.out["load"])
+        assert r.marks == [], up
+        [event] = remote_events(r.events)
+        init = (r.modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "x")).parent
+        for _ in range(up):
+            init = init.parent
+        init = init / "__init__.py"
+        assert event["rule"] == f"the modules cache was modified: {init} is not the empty package file transformers creates"
+        assert event["target"] == str(init) and event["detail"]["package"].startswith("transformers_modules.")
+        # named by the model code that imported the package
+        assert chain_of(event)[-1] == ("remote_code", f"evil/rel-code@{info['code_commit']}/modeling_tiny.py"), chain_of(event)
+        # what the check prevents: unguarded, the planted package file runs when the model imports its helper
+        u = jobs.result(f"package_init_{up}_unguarded")
+        assert u.out["load"]["ok"] and "package init ran" in u.marks, (up, u.out["load"], u.marks)
+    # a package nothing imports: its __init__ never runs, and the load is not refused for it
+    r = jobs.result("package_init_never_imported")
+    assert r.out["load"]["ok"] and r.marks == [], r.out["load"]
+    assert remote_events(r.events, "blocked") == []
 
 
 def test_planted_bytecode_of_a_copy_never_runs(fx, jobs):
@@ -922,62 +940,31 @@ def test_pin_cli_errors_and_folder(tmp_path):
     assert dict(rule.files) == {n: digest(info["files"][n]) for n in ("configuration_tiny.py", "modeling_tiny.py", "helpers_tiny.py")}
 
 
-@pytest.mark.parametrize("planted", ["fifo", "empty file"])
-def test_a_fifo_is_no_empty_package_file(tmp_path, planted):
-    """A package __init__.py above the copies must be the empty regular file transformers creates: a
-    FIFO has size 0 too, and Python importing the package would read whatever a writer sends into it."""
-    base = tmp_path / "modules"
-    folder = base / "transformers_modules" / "org" / "repo" / ("a" * 40)
+@pytest.mark.parametrize("planted", ["fifo", "empty file", "code", "extension", "bytecode"])
+def test_a_package_file_must_be_the_empty_file_transformers_creates(tmp_path, planted):
+    """A package __init__ of the modules cache must be the empty regular __init__.py transformers
+    creates: not a FIFO (size 0 too: Python importing the package would read whatever a writer sends
+    into it), not code, not an extension module; cached bytecode stamped as up to date with the empty
+    file is removed before Python looks for it."""
+    import importlib.machinery
+    import importlib.util
+
+    folder = tmp_path / "transformers_modules" / "org"
     folder.mkdir(parents=True)
-    (folder / "modeling_x.py").write_text("x = 1\n")
-    (folder / "__init__.py").write_text("")
-    init = folder.parent / "__init__.py"
+    init = folder / ("__init__" + importlib.machinery.EXTENSION_SUFFIXES[0] if planted == "extension" else "__init__.py")
     if planted == "fifo":
         os.mkfifo(init)
     else:
-        init.write_text("")
-    code = remote_code.CodeFile("org/repo", "a" * 40, "modeling_x.py", str(tmp_path / "snapshot" / "modeling_x.py"))
-    problem = hfguard._modified(str(folder), [("modeling_x.py", hfguard._Record(code, "0" * 64))], str(base), set())
-    if planted == "fifo":
-        assert problem == f"{init} is not the empty package file transformers creates"
+        init.write_text("raise SystemExit('package init ran')\n" if planted == "code" else "")
+    pyc = Path(importlib.util.cache_from_source(str(folder / "__init__.py")))
+    if planted == "bytecode":
+        pyc.parent.mkdir()
+        pyc.write_bytes(b"planted")
+    problem = hfguard._package_file_problem(str(init))
+    if planted in ("empty file", "bytecode"):
+        assert problem is None and not pyc.exists()
     else:
-        assert problem is None
-
-
-def test_a_package_imported_already_is_not_checked_again(tmp_path, monkeypatch):
-    """The walk up from the copies checks the ``__init__`` of every package folder a first import would
-    run; one whose package is imported already, from that folder, does not run again whatever the file
-    holds now, and is skipped (a listing fewer per folder and load). Imported from another folder, or
-    by another kind of object, it is checked."""
-    base = Path(os.path.realpath(tmp_path)) / "modules"
-    top = "tmt_pkg_skip"
-    folder = base / top / "org" / "repo" / ("a" * 40)
-    folder.mkdir(parents=True)
-    (folder / "modeling_x.py").write_text("x = 1\n")
-    for d in (folder, folder.parent, folder.parent.parent, folder.parent.parent.parent):
-        (d / "__init__.py").write_text("")
-    code = remote_code.CodeFile("org/repo", "a" * 40, "modeling_x.py", str(tmp_path / "snapshot" / "modeling_x.py"))
-    group = [("modeling_x.py", hfguard._Record(code, "0" * 64))]
-    assert hfguard._modified(str(folder), group, str(base), set()) is None
-    monkeypatch.syspath_prepend(str(base))
-    try:
-        import importlib
-
-        importlib.import_module(f"{top}.org.repo")  # imported (the empty __init__ files ran)
-        init = folder.parent / "__init__.py"
-        init.write_text("raise RuntimeError('package init ran')\n")
-        refused = f"{init} is not the empty package file transformers creates"
-        assert hfguard._modified(str(folder), group, str(base), set()) is None
-        # what Python does next: the commit package imports; the changed __init__ does not run
-        importlib.import_module(f"{top}.org.repo.{'a' * 40}.modeling_x")
-        pkg = sys.modules[f"{top}.org.repo"]
-        pkg.__path__ = [str(base / "elsewhere")]
-        assert hfguard._modified(str(folder), group, str(base), set()) == refused
-        sys.modules[f"{top}.org.repo"] = types.SimpleNamespace(__path__=[str(folder.parent)])
-        assert hfguard._modified(str(folder), group, str(base), set()) == refused
-    finally:
-        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
-            del sys.modules[name]
+        assert problem == f"{init} is not the empty package file transformers creates"
 
 
 @pytest.mark.parametrize("folder", ["/m/c/x", "/m/c/x/", "/m//c/x", "m/c", "/", "m", "/m/./c", "/m/../c"])

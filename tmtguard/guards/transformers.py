@@ -16,9 +16,11 @@ repo, its commit (read from the snapshot path, so the ``main`` of a transitive r
 what is really there), its name and its sha256 (``remote_code.allow``). ``get_cached_module_file``
 notes which copy that decision is for, and ``get_class_in_module`` checks, right before ``exec``, that
 the copy (made or found: transformers never refreshes an existing hub copy) and every file it imports
-relatively equal the snapshot files decided (deciding those it never fetched), that no package ``__init__``,
-extension module or folder shadows them, and drops their ``__pycache__`` entries, so that what runs is
-what was decided. Each file is then model code (``provenance.register_model_code``) with the chain
+relatively equal the snapshot files decided (deciding those it never fetched), that no extension
+module or folder shadows them and no other module sits beside them, and drops their ``__pycache__``
+entries, so that what runs is what was decided. A package ``__init__`` of the modules cache is checked
+when Python imports that package (``package_init``, called by the import guard): it must be the empty
+file transformers creates. Each file is then model code (``provenance.register_model_code``) with the chain
 ``from_pretrained(org/model@commit) -> remote_code(other/repo@commit/modeling_x.py)``: its imports,
 processes, files and network, at load and at inference, are checked by the other guards.
 
@@ -115,7 +117,7 @@ class _Load:
     code may run (the head of the chain), resolved only when remote code is involved."""
 
     __slots__ = ("loader", "name", "revision", "cache_dir", "label", "path", "repo", "commit", "resolved",
-                 "ref_read", "delivered", "checked", "packages")
+                 "ref_read", "delivered", "checked")
 
     def __init__(self, loader, name, revision, cache_dir):
         self.loader = loader
@@ -126,7 +128,6 @@ class _Load:
         self.label = self.path = self.repo = self.commit = None
         self.delivered = set()  # classes the dynamic path handed this load
         self.checked = set()  # registry-served classes already decided for this load
-        self.packages = set()  # modules-cache package folders whose __init__ files this load checked
 
 
 class _Request:
@@ -380,7 +381,7 @@ def _get_class_in_module(original):
             outer = pushed[:-1]
             try:
                 try:
-                    files = _plan(copy, real, main, outer, load.packages if load is not None else None)
+                    files = _plan(copy, real, main, outer)
                 except decision.Violation:
                     raise
                 except Exception as exc:
@@ -404,10 +405,10 @@ def _get_class_in_module(original):
     return get_class_in_module
 
 
-def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: set | None = None) -> list:
+def _plan(copy: str, real: str, main: _Record | None, outer: tuple) -> list:
     """Right before exec: decide the copy (``real``: its real path) and every file it imports
     relatively; returns [((names the file runs under...), _Record, real path)] to register as model
-    code. ``packages``: the load's set of package folders already checked (see _modified)."""
+    code."""
     base = _modules_cache()
     modpath = (_path_str(copy), _abspath(copy))  # as get_class_in_module names it, and absolute
     if main is None:
@@ -465,7 +466,7 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple, packages: se
             # resolve), so the folder is its own real path as well
             real_folders[where] = where
     for where, group in by_folder.items():
-        problem = _modified(where, group, base, packages, real_folders.get(where))
+        problem = _modified(where, group, real_folders.get(where))
         if problem:
             name, rec = group[0]
             _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}",
@@ -534,18 +535,15 @@ def _relative_import_files(module_file: str) -> list:
         everything.extend(to_check)
 
 
-def _modified(folder: str, group: list, base: str, packages: set | None = None,
-              real_folder: str | None = None) -> str | None:
+def _modified(folder: str, group: list, real_folder: str | None = None) -> str | None:
     """What in the modules cache would run instead of, before or beside the verified copies in
     ``folder`` (``group``: [(file name, _Record)]): a package folder or extension module of the same
-    name, a package ``__init__`` that is not the empty file transformers creates, or a module next to
-    them that is no copy of the snapshot's file of that name (code could import it with
-    ``from . import x``, which transformers does not fetch). Cached bytecode of the copies is removed
+    name, or a module next to them that is no copy of the snapshot's file of that name (code could
+    import it with ``from . import x``, which transformers does not fetch). Cached bytecode of the copies is removed
     (in ``__pycache__`` and under ``sys.pycache_prefix``) so that Python compiles the verified source.
-    ``packages``: package folders above ``folder`` whose ``__init__`` files were checked earlier in the
-    same load (a model's configuration and modeling classes share them); they are not listed again, and
-    those checked now are added; nor package folders above ``folder`` whose package is imported already,
-    as its ``__init__`` does not run again. ``real_folder``: ``folder``'s real path, when the caller knows it."""
+    The package ``__init__`` files of ``folder`` and the folders above it are checked when Python
+    imports those packages (see package_init), not here. ``real_folder``: ``folder``'s real path, when
+    the caller knows it."""
     with provenance.internal():
         try:
             entries = set(_listdir(folder))
@@ -600,43 +598,48 @@ def _modified(folder: str, group: list, base: str, packages: set | None = None,
             snapshot = os.path.join(code.root, *(inside.split("/") if inside else []), name)
             if not os.path.isfile(snapshot) or provenance.file_digest(path) != provenance.file_digest(snapshot):
                 return f"{path} is not a copy of {snapshot}"
-        if real_folder == folder and base.startswith("/") and _clean(base) and folder.startswith(base + "/"):
-            root = base  # a leading part of a path with no link in it has none either
-        else:
-            root = provenance.realpath(base)
-        d = real = real_folder
-        while d.startswith(root + os.sep):
-            if d != real and ((packages is not None and d in packages) or _imported_package(d, root)):
-                d = os.path.dirname(d)
-                continue
-            try:
-                inits = [n for n in entries if n.startswith("__init__.")] if d == real else _listdir(d, "__init__.")
-            except OSError:
-                inits = []
-            for n in inits:
-                p = os.path.join(d, n)
-                try:
-                    st = os.stat(p)
-                    empty = stat.S_ISREG(st.st_mode) and st.st_size == 0  # a FIFO has size 0 too
-                except OSError:
-                    empty = False
-                if n != "__init__.py" or not empty:
-                    return f"{p} is not the empty package file transformers creates"
-            if d != real and packages is not None:
-                packages.add(d)
-            d = os.path.dirname(d)
     return None
 
 
-def _imported_package(folder: str, root: str) -> bool:
-    """The package of modules-cache ``folder`` is imported already, from that very folder (its
-    ``__path__``; the modules cache is on sys.path as ``root`` when ``root`` has no link in it): its
-    ``__init__`` ran when it was imported and does not run again, whatever the file holds now."""
-    module = sys.modules.get(folder[len(root) + 1:].replace(os.sep, "."))
-    if type(module) is not types.ModuleType:  # nor an object whose attribute lookup runs its code
-        return False  # then the folder is checked
-    path = module.__dict__.get("__path__")
-    return type(path) is list and any(type(p) is str and p == folder for p in path)
+def package_init(name: str, spec, chain) -> None:
+    """The import system is about to run the ``__init__`` of ``name``, a package of transformers'
+    modules cache (``transformers_modules``, a repo's folder, a commit's folder): it must be the empty
+    regular file transformers creates, and it is to run from that source (its cached bytecode is
+    removed). Called by the import guard's finder (and its ``exec`` backstop), as the package is
+    imported: transformers runs each copy by its path, so most loads import no package of the modules
+    cache, and a package ``__init__`` that is never imported never runs. Refused otherwise, like a
+    modified copy (``remote_code.load``; enforce raises)."""
+    if not _on or spec is None or spec.submodule_search_locations is None:
+        return  # the remote-code guard is off, or not a package
+    origin = spec.origin if spec.has_location else None
+    if origin is None:
+        return  # a namespace package: a folder with no __init__, nothing runs
+    with provenance.internal():
+        problem = _package_file_problem(origin)
+    if problem:
+        decision.refuse(ACTION, origin, f"the modules cache was modified: {problem}", chain=chain,
+                        violation=RemoteCodeViolation, detail={"copy": origin, "package": name})
+
+
+def _package_file_problem(path: str) -> str | None:
+    """Why ``path`` is not a package ``__init__`` transformers made (an empty regular ``__init__.py``),
+    removing its cached bytecode when it is one; None when it is."""
+    if os.path.basename(path) != "__init__.py":
+        return f"{path} is not the empty package file transformers creates"
+    try:
+        st = os.stat(path)
+        empty = stat.S_ISREG(st.st_mode) and st.st_size == 0  # a FIFO has size 0 too
+    except OSError:
+        empty = False
+    if not empty:
+        return f"{path} is not the empty package file transformers creates"
+    try:  # bytecode stamped with the empty file's mtime and size would run instead of it
+        os.unlink(importlib.util.cache_from_source(path))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, NotImplementedError) as exc:
+        return f"cannot remove the cached bytecode of {path}: {exc}"
+    return None
 
 
 # os.listdir without its audit event, which inside the load is a call into the file guard (our own
