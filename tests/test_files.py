@@ -126,6 +126,43 @@ def test_a_folder_swapped_for_a_link_to_secrets_is_noticed(guard, tmp_path, home
     assert ev["detail"]["real_path"] == str(home / ".ssh" / "id_rsa")
 
 
+def test_cached_realpath_resolves_links_at_every_level(tmp_path):
+    """The C realpath keeps each folder's real path (checked by lstat/stat of the folder on every use)
+    and resolves a folder it does not know from its own folder, one lstat a level: it gives
+    os.path.realpath's answer for links at every level, new folders under known ones, and a folder
+    swapped for a link after it was resolved."""
+    from tmtguard import provenance
+
+    assert provenance._c_realpath is not None, "the C extension was not built"
+    base = tmp_path.resolve()
+    (base / "a" / "b" / "c").mkdir(parents=True)
+    (base / "x").mkdir()
+    (base / "a" / "b" / "c" / "f").write_text("c")
+    (base / "x" / "f").write_text("x")
+    os.symlink(base / "a", base / "to_a")  # a link in the middle of the path
+    os.symlink(base / "a" / "b" / "c", base / "a" / "b" / "to_c")  # a link as the folder of the file
+    os.symlink(base / "x" / "f", base / "a" / "b" / "c" / "to_xf")  # the file itself a link
+
+    def same(path):
+        assert provenance.realpath(str(path)) == os.path.realpath(path), path
+
+    for p in ("a/b/c/f", "to_a/b/c/f", "a/b/to_c/f", "to_a/b/to_c/f", "a/b/c/to_xf", "a/b/c"):
+        same(base / p)
+    (base / "a" / "b" / "new" / "d").mkdir(parents=True)  # folders below known ones, not resolved yet
+    (base / "a" / "b" / "new" / "d" / "f").write_text("n")
+    same(base / "a" / "b" / "new" / "d" / "f")
+    # a folder resolved before, swapped for a link to another one (at the file's folder, and above it)
+    os.rename(base / "a" / "b" / "c", base / "a" / "b" / "c_old")
+    os.symlink(base / "x", base / "a" / "b" / "c")
+    same(base / "a" / "b" / "c" / "f")
+    os.rename(base / "a" / "b" / "new", base / "a" / "b" / "new_old")
+    (base / "y" / "d").mkdir(parents=True)
+    (base / "y" / "d" / "f").write_text("y")
+    os.symlink(base / "y", base / "a" / "b" / "new")
+    same(base / "a" / "b" / "new" / "d" / "f")
+    assert provenance.realpath(str(base / "a" / "b" / "new" / "d" / "f")) == str(base / "y" / "d" / "f")
+
+
 def test_home_changed_after_activation_moves_the_secrets(guard, tmp_path, monkeypatch):
     # the guard's secret patterns follow os.environ writes made after it started
     events = guard()

@@ -531,8 +531,9 @@ fast_identical(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * last component is not a symbolic link, the real path is the real path of its folder plus its name;
  * the folder's is kept, with the device and inode stat(2) finds at that folder. It is used again only
  * while stat(2) of the folder still finds the same directory (a component swapped for a link to
- * another directory changes that), so a resolution costs stat(2) + lstat(2) instead of a readlink(2)
- * per component. */
+ * another directory changes that), so a resolution costs two lstat(2) calls (the folder's and the
+ * name's) instead of a readlink(2) per component; a folder not known yet is resolved the same way
+ * from its own folder, one more lstat(2) a level. */
 static PyObject *dir_cache = NULL;   /* folder (bytes) -> (real folder, st_dev, st_ino) */
 #define DIR_CACHE_MAX 4096
 
@@ -567,7 +568,7 @@ libc_realpath(const char *p)
     return out;
 }
 
-static PyObject *cached_realpath_at(const char *p, size_t n, int depth, int *missing);
+static PyObject *cached_realpath_at(const char *p, size_t n, int depth, int *missing, const struct stat *known);
 
 /* new ref, NULL with no error set: not applicable; *missing set when the path does not exist (then
  * realpath(3) cannot resolve it either) */
@@ -575,11 +576,12 @@ static PyObject *
 cached_realpath(const char *p, size_t n, int *missing)
 {
     *missing = 0;
-    return cached_realpath_at(p, n, 0, missing);
+    return cached_realpath_at(p, n, 0, missing, NULL);
 }
 
+/* ``known``: lstat(2) of p, when the level below has it (p is that level's folder) */
 static PyObject *
-cached_realpath_at(const char *p, size_t n, int depth, int *missing)
+cached_realpath_at(const char *p, size_t n, int depth, int *missing, const struct stat *known)
 {
     const char *slash = strrchr(p, '/');
     size_t dlen = (size_t)(slash - p);
@@ -589,10 +591,28 @@ cached_realpath_at(const char *p, size_t n, int depth, int *missing)
     char dir[PATH_MAX];
     memcpy(dir, p, dlen);
     dir[dlen] = '\0';
-    struct stat st, lst;
+    struct stat st, dlst, lst;
     int ok, err = 0;
     Py_BEGIN_ALLOW_THREADS
-    ok = stat(dir, &st) == 0 && lstat(p, &lst) == 0;
+    /* the folder by lstat(2): when it is no link, that is its stat(2) as well, and the level above
+     * (resolving the folder itself) takes it as the lstat(2) of its name: one call a level */
+    ok = lstat(dir, &dlst) == 0;
+    if (ok) {
+        if (S_ISLNK(dlst.st_mode)) {
+            ok = stat(dir, &st) == 0;
+        }
+        else {
+            st = dlst;
+        }
+    }
+    if (ok) {
+        if (known != NULL) {
+            lst = *known;
+        }
+        else {
+            ok = lstat(p, &lst) == 0;
+        }
+    }
     if (!ok) {
         err = errno;
     }
@@ -629,7 +649,7 @@ cached_realpath_at(const char *p, size_t n, int depth, int *missing)
          * under a cache resolved before): stat(2) + lstat(2) a level instead of a readlink(2) for
          * every component; realpath(3) when a component is a link or the walk reaches the root */
         if (depth < 6) {  /* 4 KB of stack a level */
-            real = cached_realpath_at(dir, dlen, depth + 1, missing);
+            real = cached_realpath_at(dir, dlen, depth + 1, missing, &dlst);
         }
         if (real == NULL && (real = libc_realpath(dir)) == NULL) {
             Py_DECREF(key);
