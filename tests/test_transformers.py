@@ -668,7 +668,9 @@ def test_planted_package_init_above_the_copies(fx, jobs):
         for _ in range(up):
             init = init.parent
         init = init / "__init__.py"
-        assert event["rule"] == f"the modules cache was modified: {init} is not the empty package file transformers creates"
+        assert event["rule"] == (f"the modules cache was modified: {init} is not the empty package file transformers "
+                                 f"creates; no allowlist entry permits that: delete {init.parent} and transformers "
+                                 "creates its packages and copies again")
         assert event["target"] == str(init) and event["detail"]["package"].startswith("transformers_modules.")
         # named by the model code that imported the package
         assert chain_of(event)[-1] == ("remote_code", f"evil/rel-code@{info['code_commit']}/modeling_tiny.py"), chain_of(event)

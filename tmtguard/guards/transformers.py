@@ -617,8 +617,10 @@ def package_init(name: str, spec, chain) -> None:
     with provenance.internal():
         problem = _package_file_problem(origin)
     if problem:
-        decision.refuse(ACTION, origin, f"the modules cache was modified: {problem}", chain=chain,
-                        violation=RemoteCodeViolation, detail={"copy": origin, "package": name})
+        decision.refuse(ACTION, origin,
+                        f"the modules cache was modified: {problem}; no allowlist entry permits that: delete "
+                        f"{os.path.dirname(origin)} and transformers creates its packages and copies again",
+                        chain=chain, violation=RemoteCodeViolation, detail={"copy": origin, "package": name})
 
 
 def _package_file_problem(path: str) -> str | None:
