@@ -539,8 +539,9 @@ def _modified(folder: str, group: list, real_folder: str | None = None) -> str |
     """What in the modules cache would run instead of, before or beside the verified copies in
     ``folder`` (``group``: [(file name, _Record)]): a package folder or extension module of the same
     name, or a module next to them that is no copy of the snapshot's file of that name (code could
-    import it with ``from . import x``, which transformers does not fetch). Cached bytecode of the copies is removed
-    (in ``__pycache__`` and under ``sys.pycache_prefix``) so that Python compiles the verified source.
+    import it with ``from . import x``, which transformers does not fetch). Cached bytecode of the
+    copies is removed (in ``__pycache__`` and under ``sys.pycache_prefix``) so that Python compiles the
+    verified source.
     The package ``__init__`` files of ``folder`` and the folders above it are checked when Python
     imports those packages (see package_init), not here. ``real_folder``: ``folder``'s real path, when
     the caller knows it."""
@@ -574,15 +575,10 @@ def _modified(folder: str, group: list, real_folder: str | None = None) -> str |
                     return f"cannot remove the cached bytecode {os.path.join(cache, n)}: {exc.strerror}"
         if sys.pycache_prefix:  # PYTHONPYCACHEPREFIX: the import system reads the bytecode from there
             for name in sorted(names):
-                if not name.endswith(".py"):
-                    continue
-                try:
-                    pyc = importlib.util.cache_from_source(_path_str(os.path.join(folder, name)))
-                    os.unlink(pyc)
-                except FileNotFoundError:
-                    pass
-                except (OSError, ValueError, NotImplementedError) as exc:
-                    return f"cannot remove the cached bytecode of {os.path.join(folder, name)}: {exc}"
+                if name.endswith(".py"):
+                    problem = _drop_bytecode(_path_str(os.path.join(folder, name)))
+                    if problem:
+                        return problem
         code = group[0][1].code
         inside = posixpath.dirname(code.file)
         for name in sorted(entries - names):
@@ -635,12 +631,18 @@ def _package_file_problem(path: str) -> str | None:
         empty = False
     if not empty:
         return f"{path} is not the empty package file transformers creates"
-    try:  # bytecode stamped with the empty file's mtime and size would run instead of it
-        os.unlink(importlib.util.cache_from_source(path))
+    return _drop_bytecode(path)  # bytecode stamped with the empty file's mtime and size would run instead
+
+
+def _drop_bytecode(source: str) -> str | None:
+    """Remove the cached bytecode the import system would read for ``source`` (``__pycache__`` next to
+    it, or under ``sys.pycache_prefix``), so that it compiles the source; why it could not, or None."""
+    try:
+        os.unlink(importlib.util.cache_from_source(source))
     except FileNotFoundError:
         pass
     except (OSError, ValueError, NotImplementedError) as exc:
-        return f"cannot remove the cached bytecode of {path}: {exc}"
+        return f"cannot remove the cached bytecode of {source}: {exc}"
     return None
 
 
