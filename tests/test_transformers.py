@@ -13,6 +13,7 @@ polices.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import subprocess
@@ -117,6 +118,14 @@ def fx(tmp_path_factory):
     # pinned and benign; a modified copy is planted in the modules cache
     d["tamper"] = hf.tiny_custom_model(cache, "acme/tampered", code_repo="other/tamper-code", model_type="tmt-tamper")
     d["tamper_allow"] = pinning.pin("acme/tampered", cache_dir=str(cache))
+    # modeling code importing a sibling module with `from . import x`, which transformers does not copy:
+    # the snapshot has it, the modules cache has it only if something put it there
+    d["sibling"] = hf.tiny_custom_model(cache, "acme/sibling", model_type="tmt-sibling",
+                                        extra_modeling_source="from . import sibling_tiny\n",
+                                        extra_files={"sibling_tiny.py": "SIBLING = 'from the snapshot'\n"})
+    d["sibling_allow"] = [("acme/sibling", d["sibling"]["commit"],
+                           {n: digest(d["sibling"]["snapshot_files"][n])
+                            for n in ("configuration_tiny.py", "modeling_tiny.py", "sibling_tiny.py")})]
     # remote code importing a module whose body is the payload (check_imports imports it first)
     d["importer"] = hf.tiny_custom_model(cache, "acme/importer", model_type="tmt-importer",
                                          extra_modeling_source="import tmt_fixture_evilmod\n" + mark("importer modeling ran"))
@@ -299,8 +308,40 @@ def plant(modules: Path, info: dict, name: str = "planted.py", label: str = "pla
 
 
 def s_planted(j):
+    # a model whose code imports no such module: the planted file never runs
     j.start("planted", LOAD % "acme/tampered", allow=[j.fx["tamper_allow"]],
             prepare=lambda modules: plant(modules, j.fx["tamper"]))
+
+
+SIBLING = LOAD.replace("done()\n", "") % "acme/sibling" + """
+from tmtguard import provenance as _p
+_sib = [m for n, m in sys.modules.items() if n.endswith(".sibling_tiny") and getattr(m, "SIBLING", None)]
+out["sibling"] = [_sib[0].SIBLING, [f.artifact for f in _p._model_code.get(_sib[0].__file__, ())]] if _sib else None
+done()
+"""
+
+
+def plant_sibling(modules: Path, info: dict, source=None, name: str = "sibling_tiny.py") -> Path:
+    """``sibling_tiny.py`` where the copies go: the snapshot's own file (``source`` None), or other bytes."""
+    if source is None:
+        source = info["snapshot_files"]["sibling_tiny.py"].read_bytes()
+    path = plant(modules, info, name)
+    path.write_bytes(source)
+    return path
+
+
+def s_sibling(j):
+    fx = j.fx
+    payload = ("SIBLING = 'planted'\n" + mark("planted sibling ran")).encode()
+    extension = "sibling_tiny" + importlib.machinery.EXTENSION_SUFFIXES[0]
+    j.start("sibling_copy", SIBLING, allow=[fx["sibling_allow"]],
+            prepare=lambda modules: plant_sibling(modules, fx["sibling"]))
+    j.start("sibling_planted", SIBLING, allow=[fx["sibling_allow"]],
+            prepare=lambda modules: plant_sibling(modules, fx["sibling"], payload))
+    j.start("sibling_planted_unguarded", SIBLING, mode=None,
+            prepare=lambda modules: plant_sibling(modules, fx["sibling"], payload))
+    j.start("sibling_extension", SIBLING, allow=[fx["sibling_allow"]],
+            prepare=lambda modules: plant_sibling(modules, fx["sibling"], b"\x7fELF planted", extension))
 
 
 def plant_bytecode(modules: Path, info: dict, prefix: Path | None = None) -> Path:
@@ -544,7 +585,7 @@ SCENARIOS = {
     "test_relative_import_not_listed": [s_relative_import],
     "test_digest_mismatch_after_pin": [s_digest],
     "test_tampered_modules_cache_copy": [s_tampered, s_unguarded],
-    "test_planted_module_next_to_the_copies": [s_planted],
+    "test_planted_module_next_to_the_copies": [s_planted, s_sibling],
     "test_planted_package_init_above_the_copies": [s_package_init],
     "test_planted_bytecode_of_a_copy_never_runs": [s_bytecode, s_bytecode_unguarded, s_bytecode_prefix,
                                                     s_bytecode_prefix_unguarded],
@@ -644,14 +685,43 @@ def test_tampered_modules_cache_copy(fx, jobs):
 
 
 def test_planted_module_next_to_the_copies(fx, jobs):
-    info = fx["tamper"]
+    """A module beside the copies runs only if the model's code imports it (transformers copies the
+    relative imports it detects; ``from . import x`` it does not): checked as it is imported, it must be
+    an unchanged copy of the snapshot's file of that name, decided like the model's code."""
+    # nothing imports it: it never runs, and the load is not refused for it
     r = jobs.result("planted")
-    assert r.out["load"]["type"] == "RemoteCodeViolation"
+    assert r.out["load"]["ok"] and r.marks == [], r.out["load"]
+    assert remote_events(r.events, "blocked") == []
+    assert r.out["planned_left"] is None  # the plan's list of files is not handed to a later call
+    info = fx["sibling"]
+    target = f"acme/sibling@{info['commit']}/sibling_tiny.py"
+    # an unchanged copy of the snapshot's file, pinned: runs as model code with its own frame
+    r = jobs.result("sibling_copy")
+    assert r.out["load"]["ok"], (r.out["load"], r.stderr[-2000:])
+    value, chain = r.out["sibling"]
+    assert value == "from the snapshot" and chain == [f"acme/sibling@{info['commit']}",
+                                                      f"acme/sibling@{info['commit']}/modeling_tiny.py", target], chain
+    # other bytes: refused as the model's code imports it, named by the chain of that code
+    r = jobs.result("sibling_planted")
+    assert r.out["load"]["type"] == "RemoteCodeViolation", r.out["load"]
+    assert r.marks == [] and r.out["sibling"] is None
     [event] = remote_events(r.events)
-    planted = r.modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "planted")
-    assert event["target"] == f"other/tamper-code@{info['code_commit']}/configuration_tiny.py"
-    assert f"{planted} is not a copy of" in event["rule"]
-    assert r.out["planned_left"] is None  # the refused plan's list of files is not handed to a later call
+    planted = r.modules / hf.hub_module_relpath("acme/sibling", info["commit"], "sibling_tiny")
+    assert event["target"] == target
+    assert event["rule"] == (f"the modules cache was modified: {planted} is not a copy of "
+                             f"{info['snapshot_files']['sibling_tiny.py']}")
+    assert event["detail"]["copy_sha256"] == digest(planted) and event["detail"]["module"].endswith(".sibling_tiny")
+    assert chain_of(event)[-2:] == [("remote_code", f"acme/sibling@{info['commit']}/modeling_tiny.py"),
+                                    ("remote_code", target)], chain_of(event)
+    # what the check prevents: unguarded, the planted module runs
+    u = jobs.result("sibling_planted_unguarded")
+    assert u.out["load"]["ok"] and u.marks == ["planted sibling ran"] and u.out["sibling"][0] == "planted"
+    # an extension module of the same name (Python would load it before the source): refused unloaded
+    r = jobs.result("sibling_extension")
+    assert r.out["load"]["type"] == "RemoteCodeViolation", r.out["load"]
+    [event] = remote_events(r.events)
+    assert event["rule"].startswith("the modules cache was modified: an extension module "), event["rule"]
+    assert "that transformers did not copy there is imported as transformers_modules." in event["rule"]
 
 
 def test_planted_package_init_above_the_copies(fx, jobs):
@@ -940,6 +1010,63 @@ def test_pin_cli_errors_and_folder(tmp_path):
     [rule] = parse(text, "pin.yaml").remote_code
     assert rule.repo == os.path.realpath(info["path"]) and rule.revision == remote_code.local_revision(rule.repo)
     assert dict(rule.files) == {n: digest(info["files"][n]) for n in ("configuration_tiny.py", "modeling_tiny.py", "helpers_tiny.py")}
+
+
+def test_a_copy_runs_only_as_compiled_from_the_bytes_decided(guard, tmp_path):
+    """A modules-cache copy planned to run is checked on its compile event (the bytes Python compiles),
+    and its module body runs only if that check passed just before: not from cached bytecode, which
+    raises no compile event. Through the real import machinery, in this process."""
+    import hashlib
+    import importlib.util
+    from importlib._bootstrap_external import _code_to_timestamp_pyc
+
+    names = ("tmt_copy_decided", "tmt_copy_changed", "tmt_copy_bytecode", "tmt_copy_bytecode_audit")
+    allow = tmp_path / "allow.yaml"  # the import guard lets these module names run (not model code here)
+    allow.write_text("version: 1\nimports:\n  allow: [" + ", ".join(names) + "]\n")
+    events = guard(mode="enforce", allowlists=[allow])
+    source = b"VALUE = 'decided'\n"
+    copy = tmp_path / "transformers_modules" / "org" / "x" / ("a" * 40) / "modeling_x.py"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(source)
+    real = os.path.realpath(copy)
+    code = remote_code.CodeFile("org/x", "a" * 40, "modeling_x.py", str(copy), False)
+    rec = hfguard._Record(code, hashlib.sha256(source).hexdigest())
+
+    def run(name, before=None):
+        with hfguard._Pushed(hfguard._code_spec(code, rec.digest)) as chain:
+            hfguard._expect(str(copy), real, rec, chain)  # what get_class_in_module's plan does
+            if before is not None:
+                with tmtguard.provenance.internal():  # another process, in reality: not this chain's action
+                    before()
+            spec = importlib.util.spec_from_file_location(name, copy)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+
+    planted = compile("VALUE = 'planted bytecode'\n", str(copy), "exec")  # (no chain acting: not checked)
+
+    def plant_bytecode():  # compiled from other source, stamped as up to date with the copy
+        st = copy.stat()
+        pyc = Path(importlib.util.cache_from_source(str(copy)))
+        pyc.parent.mkdir(exist_ok=True)
+        pyc.write_bytes(bytes(_code_to_timestamp_pyc(planted, int(st.st_mtime), st.st_size)))
+
+    try:
+        assert run("tmt_copy_decided").VALUE == "decided"
+        copy.write_bytes(b"VALUE = 'changed'\n")
+        with pytest.raises(tmtguard.RemoteCodeViolation, match="the copy was modified"):
+            run("tmt_copy_changed")
+        assert events[-1]["detail"]["copy_sha256"] == hashlib.sha256(b"VALUE = 'changed'\n").hexdigest()
+        copy.write_bytes(source)
+        with pytest.raises(tmtguard.RemoteCodeViolation, match="about to run from cached bytecode"):
+            run("tmt_copy_bytecode", plant_bytecode)
+        # what the check prevents, and audit never blocks: the planted bytecode runs, recorded
+        events = guard(mode="audit", allowlists=[allow])
+        assert run("tmt_copy_bytecode_audit", plant_bytecode).VALUE == "planted bytecode"
+        assert events[-1]["decision"] == "audited" and "cached bytecode" in events[-1]["rule"]
+    finally:
+        hfguard._expected.pop(real, None)
+        hfguard._cache_folders.pop(os.path.dirname(real), None)
 
 
 @pytest.mark.parametrize("planted", ["fifo", "empty file", "code", "extension", "bytecode"])

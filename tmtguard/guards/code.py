@@ -28,6 +28,7 @@ import os
 from .. import decision, provenance
 from ..decision import CodeViolation
 from . import _audit, _scope
+from . import transformers as _remote
 
 _on = False
 _policy = None
@@ -46,6 +47,8 @@ _PICKLE_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pickle
 def _on_compile(args):
     if not _chain() and not _model_code and not _wide.on:
         return
+    if _remote._expected:  # a copy of remote code about to run: its bytes are checked as they compile
+        _remote.compiling(args[1], args[0])
     try:  # a code generator every chain may use (typing, dataclasses) calling compile() itself
         f = _getframe(2)  # 0 here, 1 the audit hook's frame, 2 the caller of compile()
         if f.f_globals.get("__name__") in _policy.code_exact and not _code_of(f).co_filename.startswith(_OWN_DIR):
@@ -86,6 +89,9 @@ def _on_exec(args):
     if _scope.in_import_machinery(f):
         if code.co_name == "<module>":
             from . import imports
+
+            if _remote._expected:
+                _remote.module_runs(code)
 
             imports.module_exec(code, f)
         return

@@ -134,11 +134,12 @@ def _location(spec) -> str | None:
 
 def _allowed(name: str, spec, chain) -> bool:
     if name.startswith("transformers_modules") and (len(name) == 20 or name[20] == "."):
-        # a package of transformers' modules cache: its __init__ must be the empty file transformers
-        # made (checked as it is imported; refused like a modified copy)
+        # transformers' modules cache: a package's __init__ must be the empty file transformers made, a
+        # module a copy of the model's code (checked as it is imported; refused like a modified copy)
         from . import transformers as remote
 
-        remote.package_init(name, spec, chain)
+        if remote.cache_module(name, spec, chain):
+            return True
     where = _location(spec)
     if where is not None:
         folder_chain = provenance.model_folder_chain(where)

@@ -14,13 +14,16 @@ of ``transformers.dynamic_module_utils``, which call one another through that mo
 The decision is taken in ``check_imports``, before any import, on the file that was resolved: its
 repo, its commit (read from the snapshot path, so the ``main`` of a transitive repo is pinned to
 what is really there), its name and its sha256 (``remote_code.allow``). ``get_cached_module_file``
-notes which copy that decision is for, and ``get_class_in_module`` checks, right before ``exec``, that
-the copy (made or found: transformers never refreshes an existing hub copy) and every file it imports
-relatively equal the snapshot files decided (deciding those it never fetched), that no extension
-module or folder shadows them and no other module sits beside them, and drops their ``__pycache__``
-entries, so that what runs is what was decided. A package ``__init__`` of the modules cache is checked
-when Python imports that package (``package_init``, called by the import guard): it must be the empty
-file transformers creates. Each file is then model code (``provenance.register_model_code``) with the chain
+notes which copy that decision is for, and ``get_class_in_module``, right before ``exec``, decides every
+file the copy imports relatively (those it never fetched too), drops their cached bytecode and expects
+each copy to compile from the bytes decided: the code guard hands the ``compile`` event of a copy to
+``compiling`` (the bytes Python compiles are hashed: transformers never refreshes an existing hub
+copy, so a modified one is refused) and the ``exec`` event of its module body to ``module_runs`` (a body
+not compiled from verified bytes just before, i.e. from planted bytecode, is refused). Modules and
+packages of the modules cache are checked as Python imports them (``cache_module``, called by the import
+guard): a package ``__init__`` must be the empty file transformers creates, a module a planned copy or
+an unchanged copy of the snapshot file of its name (``from . import x``, which transformers does not
+fetch), never an extension module. Each file is then model code (``provenance.register_model_code``) with the chain
 ``from_pretrained(org/model@commit) -> remote_code(other/repo@commit/modeling_x.py)``: its imports,
 processes, files and network, at load and at inference, are checked by the other guards.
 
@@ -42,6 +45,7 @@ code that load declares.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import posixpath
@@ -55,7 +59,7 @@ from pathlib import Path
 
 import wrapt
 
-from .. import _unpatched, decision, provenance, remote_code
+from .. import decision, provenance, remote_code
 from ..decision import RemoteCodeViolation
 
 DMU = "transformers.dynamic_module_utils"
@@ -98,10 +102,15 @@ _hooked = False
 _patched: list = []  # (owner, attribute, original, replacement): restored by uninstall, kept by tamper.verify
 _replacements: dict = {}  # id(original function) -> (original, replacement), one replacement per original
 
-_decided: dict = {}  # real path of a modules-cache copy -> _Record it was decided as (and checked before it ran)
+_decided: dict = {}  # real path of a modules-cache copy -> _Record it was decided as (its bytes checked as they compile)
 _fetched: dict = {}  # a copy's path, as get_cached_module_file returned it -> _Record it was decided as
 _planned = threading.local()  # files: (copy, its relative-import files) while get_class_in_module runs it
 _origins: dict = {}  # class returned by get_class_in_module -> _Record of its file
+# real path of a modules-cache copy planned to run -> (_Record its bytes must match, chain to refuse with):
+# checked on the copy's compile event, each time Python compiles it (see compiling / module_runs)
+_expected: dict = {}
+_compiled: set = set()  # real paths compiled from verified bytes whose module body has not run yet
+_cache_folders: dict = {}  # real folder of planned copies -> a _Record of a file in it (its repo, commit, root)
 
 
 class _Record:
@@ -269,7 +278,7 @@ def _decide(code, digest, chain) -> None:
 
 def _tampered(code, digest, copy, copy_digest, chain) -> None:
     _refuse(code, digest,
-            f"the modules-cache copy that would run ({copy}) has sha256 {copy_digest or 'unreadable'}, but "
+            f"the modules-cache copy that would run ({copy}) has sha256 {copy_digest or '(not compiled from bytes)'}, but "
             f"{code.path} has {digest}: the copy was modified (transformers never refreshes an existing "
             "copy); delete it to let transformers copy the snapshot again",
             chain, detail={"copy": copy, "copy_sha256": copy_digest})
@@ -378,18 +387,16 @@ def _get_class_in_module(original):
         spec = _code_spec(main.code, main.digest) if main else ("remote_code", copy, copy, None, None, None)
         # one push of the model and the file that runs; the plan's own chains end at the model
         with _Pushed(head, spec) as pushed:
-            outer = pushed[:-1]
             try:
                 try:
-                    files = _plan(copy, real, main, outer)
+                    files = _plan(copy, real, main, pushed)
                 except decision.Violation:
                     raise
                 except Exception as exc:
                     decision.failed(ACTION, copy, exc)
                     files = []
-                for name, rec, file_real in files:
-                    chain = pushed if rec is main else outer + (_frame(_code_spec(rec.code, rec.digest)),)
-                    # the real path was resolved and the file hashed (equal to its decided digest) in _plan
+                for name, rec, file_real, chain in files:
+                    # the real path was resolved in _plan (the bytes are checked as Python compiles them)
                     verified = file_real if rec.digest is not None else None
                     for alias in dict.fromkeys(name):  # the names it runs under, once each
                         provenance.register_model_code(alias, chain, verified)
@@ -405,10 +412,12 @@ def _get_class_in_module(original):
     return get_class_in_module
 
 
-def _plan(copy: str, real: str, main: _Record | None, outer: tuple) -> list:
-    """Right before exec: decide the copy (``real``: its real path) and every file it imports
-    relatively; returns [((names the file runs under...), _Record, real path)] to register as model
-    code."""
+def _plan(copy: str, real: str, main: _Record | None, pushed: tuple) -> list:
+    """Right before exec: decide every file the copy (``real``: its real path) imports relatively,
+    expect each to compile from the bytes decided (see _expect) and returns [((names the file runs
+    under...), _Record, real path, chain)] to register as model code. ``pushed``: the chain of the
+    copy, as pushed (the model, then the copy)."""
+    outer = pushed[:-1]
     base = _modules_cache()
     modpath = (_path_str(copy), _abspath(copy))  # as get_class_in_module names it, and absolute
     if main is None:
@@ -418,12 +427,9 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple) -> list:
                         "never decided it (get_class_in_module called directly)",
                         chain=outer + (_frame(("remote_code", copy, copy, None, None, None)),),
                         violation=RemoteCodeViolation, detail={"copy": copy})
-        return [((*modpath, copy), _Record(code, None), real)]
-    with provenance.internal():
-        copy_digest = provenance.file_digest(copy)
-    if copy_digest != main.digest:
-        _tampered(main.code, main.digest, copy, copy_digest, outer + (_frame(_code_spec(main.code, main.digest)),))
-    files = [((*modpath, copy), main, real)]
+        return [((*modpath, copy), _Record(code, None), real, pushed)]
+    files = [((*modpath, copy), main, real, pushed)]
+    _expect(copy, real, main, pushed)
     folder = os.path.dirname(copy)
     with provenance.internal():
         related = _relative_import_files(copy)
@@ -445,32 +451,10 @@ def _plan(copy: str, real: str, main: _Record | None, outer: tuple) -> list:
                 digest = provenance.file_digest(snapshot)
             rec = _Record(code, digest)
             _decide(code, digest, outer + (_frame(_code_spec(code, digest)),))
-        with provenance.internal():
-            rel_digest = provenance.file_digest(rel_copy)
-        if rel_digest != rec.digest:
-            _tampered(rec.code, rec.digest, rel_copy, rel_digest, outer + (_frame(_code_spec(rec.code, rec.digest)),))
         _decided[rel_real] = rec
-        files.append(((rel_copy, _abspath(rel_copy)), rec, rel_real))
-    by_folder: dict = {}
-    real_folders: dict = {}  # folder -> itself, when a file in it is its own real path (see below)
-    for names, rec, file_real in files:
-        path = names[-1]
-        if _clean(path):  # os.path.dirname / basename by one split
-            where, _, base_name = path.rpartition("/")
-            where = where or ("/" if path.startswith("/") else "")
-        else:
-            where, base_name = os.path.dirname(path), os.path.basename(path)
-        by_folder.setdefault(where, []).append((base_name, rec))
-        if file_real == path:
-            # realpath gave the path back: no component of it is a link (a link to itself would not
-            # resolve), so the folder is its own real path as well
-            real_folders[where] = where
-    for where, group in by_folder.items():
-        problem = _modified(where, group, real_folders.get(where))
-        if problem:
-            name, rec = group[0]
-            _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}",
-                    outer + (_frame(_code_spec(rec.code, rec.digest)),), detail={"copy": os.path.join(where, name)})
+        chain = outer + (_frame(_code_spec(rec.code, rec.digest)),)
+        _expect(rel_copy, rel_real, rec, chain)
+        files.append(((rel_copy, _abspath(rel_copy)), rec, rel_real, chain))
     return files
 
 
@@ -535,74 +519,137 @@ def _relative_import_files(module_file: str) -> list:
         everything.extend(to_check)
 
 
-def _modified(folder: str, group: list, real_folder: str | None = None) -> str | None:
-    """What in the modules cache would run instead of, before or beside the verified copies in
-    ``folder`` (``group``: [(file name, _Record)]): a package folder or extension module of the same
-    name, or a module next to them that is no copy of the snapshot's file of that name (code could
-    import it with ``from . import x``, which transformers does not fetch). Cached bytecode of the
-    copies is removed (in ``__pycache__`` and under ``sys.pycache_prefix``) so that Python compiles the
-    verified source.
-    The package ``__init__`` files of ``folder`` and the folders above it are checked when Python
-    imports those packages (see package_init), not here. ``real_folder``: ``folder``'s real path, when
-    the caller knows it."""
+def _expect(copy: str, real: str, rec: _Record, chain: tuple) -> None:
+    """``copy`` (real path ``real``) is to run as ``rec``: Python must compile it from bytes with
+    ``rec``'s digest (checked on its compile event, see compiling). Its cached bytecode is removed,
+    so that Python compiles it (a module body run from bytecode is refused, see module_runs). The
+    expectation stays: whenever Python compiles the copy again (a relative import made at inference,
+    a reload), it is checked again. ``chain``: the chain a refusal names."""
+    before = _expected.get(real)
+    if before is None or before[0].digest != rec.digest:
+        _compiled.discard(real)  # (not for the same bytes: another thread may be between compile and run)
+    _expected[real] = (rec, chain)
+    folder = os.path.dirname(real)
+    if folder not in _cache_folders:
+        _cache_folders[folder] = rec
     with provenance.internal():
-        try:
-            entries = set(_listdir(folder))
-        except OSError as exc:
-            return f"cannot list {folder}: {exc.strerror}"
-        if real_folder is None:
-            real_folder = provenance.realpath(folder)
-        names = {name for name, _ in group}
-        stems = {name[:-3] for name in names if name.endswith(".py")}
-        for stem in sorted(stems):
-            if stem in entries and os.path.isdir(os.path.join(folder, stem)):
-                return f"a package folder {os.path.join(folder, stem)} shadows {stem}.py"
-            for suffix in EXTENSION_SUFFIXES:
-                if stem + suffix in entries:
-                    return f"an extension module {os.path.join(folder, stem + suffix)} shadows {stem}.py"
-        if "__pycache__" in entries:
-            cache = os.path.join(folder, "__pycache__")
-            try:
-                stale = [n for n in _listdir(cache) if n.endswith(".pyc") and n.split(".", 1)[0] in stems]
-            except OSError:
-                stale = []
-            for n in stale:
-                try:
-                    os.unlink(os.path.join(cache, n))
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    return f"cannot remove the cached bytecode {os.path.join(cache, n)}: {exc.strerror}"
-        if sys.pycache_prefix:  # PYTHONPYCACHEPREFIX: the import system reads the bytecode from there
-            for name in sorted(names):
-                if name.endswith(".py"):
-                    problem = _drop_bytecode(_path_str(os.path.join(folder, name)))
-                    if problem:
-                        return problem
-        code = group[0][1].code
+        problem = _drop_bytecode(copy)
+    if problem:
+        _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}", chain, detail={"copy": copy})
+
+
+def compiling(filename, source) -> None:
+    """The compile event of a source file the code guard sees (a guarded load or model code acting):
+    when it is a modules-cache copy planned to run, its bytes must be those decided. The bytes
+    hashed are those Python compiles, so nothing can change the file between the check and the run.
+    Refused like a modified copy (``remote_code.load``; enforce raises from ``compile``)."""
+    if not _on or not _expected or not isinstance(filename, str) or not filename.endswith(".py"):
+        return
+    real = provenance.realpath(filename)
+    expected = _expected.get(real)
+    if expected is None:
+        return
+    rec, chain = expected
+    if isinstance(source, str):
+        source = source.encode("utf-8")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        digest = hashlib.sha256(source).hexdigest()
+    else:
+        digest = None  # an AST compiled under the copy's name (an import hook rewriting it): unverifiable
+    if digest == rec.digest and digest is not None:
+        _compiled.add(real)
+        return
+    _compiled.discard(real)
+    _tampered(rec.code, rec.digest, filename, digest, chain)
+
+
+def module_runs(code) -> None:
+    """The import machinery is about to run a module body (its ``exec`` event): a modules-cache copy
+    planned to run must have been compiled from verified bytes just before (not loaded from cached
+    bytecode, which no compile event shows)."""
+    if not _on or not _expected:
+        return
+    filename = code.co_filename
+    if not isinstance(filename, str) or not filename.endswith(".py"):
+        return
+    real = provenance.realpath(filename)
+    expected = _expected.get(real)
+    if expected is None or real in _compiled:
+        _compiled.discard(real)
+        return
+    rec, chain = expected
+    _refuse(rec.code, rec.digest,
+            f"the modules cache was modified: {filename} was about to run from cached bytecode, not compiled "
+            f"from the verified copy; delete {os.path.dirname(filename)} and transformers copies the "
+            "snapshot again", chain, detail={"copy": filename})
+
+
+def cache_module(name: str, spec, chain) -> bool:
+    """The import system is about to import ``name``, a module or package of transformers' modules
+    cache (the import guard calls this as it decides the import, inside guarded loads and for model
+    code). A package: see package_init. A module: it must be a copy the guard planned (a relative
+    import transformers fetched) or an unchanged copy of the snapshot file of its name, decided
+    like the model's code (code can import a sibling with ``from . import x``, which transformers does
+    not fetch); no extension module, no file of a folder tmtguard never planned. Refused like a
+    modified copy. True when it decided the module (a copy, registered as model code with its own
+    chain), False when the import guard decides it."""
+    if not _on or spec is None:
+        return False
+    if spec.submodule_search_locations is not None:
+        package_init(name, spec, chain)
+        return False
+    origin = spec.origin if spec.has_location else None
+    if not isinstance(origin, str):
+        return False  # no file runs
+    with provenance.internal():
+        real = provenance.realpath(origin)
+        expected = _expected.get(real)
+        if expected is not None:
+            rec, own_chain = expected
+            problem = _drop_bytecode(origin)  # compiled, then checked on its compile event
+            if problem:
+                _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}", own_chain,
+                        detail={"copy": origin, "module": name})
+                return False
+            if origin not in provenance._model_code:
+                provenance.register_model_code(origin, own_chain, real)
+            return True
+        known = _cache_folders.get(os.path.dirname(real))
+        if known is None or not origin.endswith(".py"):
+            what = "an extension module" if origin.endswith(tuple(EXTENSION_SUFFIXES)) else "a module"
+            decision.refuse(ACTION, origin,
+                            f"the modules cache was modified: {what} {origin} that transformers did not copy "
+                            f"there is imported as {name}; no allowlist entry permits that: delete "
+                            f"{os.path.dirname(origin)} and transformers copies the code again",
+                            chain=chain, violation=RemoteCodeViolation, detail={"copy": origin, "module": name})
+            return False
+        code = known.code
         inside = posixpath.dirname(code.file)
-        for name in sorted(entries - names):
-            if not name.endswith(".py") or name == "__init__.py":
-                continue
-            path = os.path.join(folder, name)
-            file = posixpath.join(inside, name) if inside else name
-            # keyed by its real path when it is no link itself (else a miss: compared with the snapshot)
-            rec = _decided.get(os.path.join(real_folder, name))
-            if rec is not None and rec.code.repo == code.repo and rec.code.file == file and rec.digest:
-                if provenance.file_digest(path) == rec.digest:
-                    continue  # a copy decided before, unchanged since
-            snapshot = os.path.join(code.root, *(inside.split("/") if inside else []), name)
-            if not os.path.isfile(snapshot) or provenance.file_digest(path) != provenance.file_digest(snapshot):
-                return f"{path} is not a copy of {snapshot}"
-    return None
+        base_name = os.path.basename(origin)
+        file = f"{inside}/{base_name}" if inside else base_name
+        snapshot = os.path.join(code.root, *file.split("/"))
+        digest = provenance.file_digest(snapshot) if os.path.isfile(snapshot) else None
+        copy_digest = provenance.file_digest(origin)
+    sibling = remote_code.CodeFile(code.repo, code.revision, file, snapshot, code.local)
+    own_chain = chain + (_frame(_code_spec(sibling, digest)),)
+    if digest is None or copy_digest != digest:
+        _refuse(sibling, digest, f"the modules cache was modified: {origin} is not a copy of {snapshot}",
+                own_chain, detail={"copy": origin, "copy_sha256": copy_digest, "module": name})
+        return False
+    rec = _Record(sibling, digest)
+    _decide(sibling, digest, own_chain)
+    _decided[real] = rec
+    _expect(origin, real, rec, own_chain)
+    provenance.register_model_code(origin, own_chain, real)
+    return True
 
 
 def package_init(name: str, spec, chain) -> None:
     """The import system is about to run the ``__init__`` of ``name``, a package of transformers'
     modules cache (``transformers_modules``, a repo's folder, a commit's folder): it must be the empty
     regular file transformers creates, and it is to run from that source (its cached bytecode is
-    removed). Called by the import guard's finder (and its ``exec`` backstop), as the package is
-    imported: transformers runs each copy by its path, so most loads import no package of the modules
+    removed). Called through cache_module by the import guard's finder (and its ``exec`` backstop), as
+    the package is imported: transformers runs each copy by its path, so most loads import no package of the modules
     cache, and a package ``__init__`` that is never imported never runs. Refused otherwise, like a
     modified copy (``remote_code.load``; enforce raises)."""
     if not _on or spec is None or spec.submodule_search_locations is None:
@@ -644,11 +691,6 @@ def _drop_bytecode(source: str) -> str | None:
     except (OSError, ValueError, NotImplementedError) as exc:
         return f"cannot remove the cached bytecode of {source}: {exc}"
     return None
-
-
-# os.listdir without its audit event, which inside the load is a call into the file guard (our own
-# listing: it stands aside)
-_listdir = _unpatched.listdir
 
 
 def _get_class_from_dynamic_module(original):
