@@ -344,16 +344,17 @@ def s_sibling(j):
             prepare=lambda modules: plant_sibling(modules, fx["sibling"], b"\x7fELF planted", extension))
 
 
-def plant_bytecode(modules: Path, info: dict, prefix: Path | None = None) -> Path:
-    """An unchanged copy of the configuration file with, where the import system will look for its
-    cached bytecode (``__pycache__`` next to it, or under ``PYTHONPYCACHEPREFIX``), bytecode compiled from
-    other source, stamped with the copy's mtime and size so that Python takes it as up to date."""
+def plant_bytecode(modules: Path, info: dict, prefix: Path | None = None, module: str = "configuration_tiny") -> Path:
+    """An unchanged copy of the configuration file (or ``module``) with, where the import system will
+    look for its cached bytecode (``__pycache__`` next to it, or under ``PYTHONPYCACHEPREFIX``), bytecode
+    compiled from other source, stamped with the copy's mtime and size so that Python takes it as up
+    to date."""
     import importlib.util
     from importlib._bootstrap_external import _code_to_timestamp_pyc
 
-    copy = modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], "configuration_tiny")
+    copy = modules / hf.hub_module_relpath(info["code_repo"], info["code_commit"], module)
     copy.parent.mkdir(parents=True, exist_ok=True)
-    source = info["code_files"]["configuration_tiny.py"].read_text()
+    source = info["code_files"][f"{module}.py"].read_text()
     copy.write_text(source)
     st = copy.stat()
     code = compile(source + "\n" + mark("planted bytecode ran"), str(copy), "exec")
@@ -376,6 +377,15 @@ def s_bytecode(j):
 def s_bytecode_unguarded(j):
     j.start("bytecode_unguarded", LOAD % "acme/tampered", mode=None,
             prepare=lambda modules: plant_bytecode(modules, j.fx["tamper"]))
+
+
+def s_bytecode_helper(j):
+    # the helper the modeling code imports relatively (by name, through the import system)
+    allow = j.fx["root"] / "allow-pinned-helper.yaml"
+    allow.write_text(pinning.render("acme/tiny-allowed", pinning.pin("acme/tiny-allowed", cache_dir=str(j.fx["cache"]))))
+    for name, mode in (("bytecode_helper", "enforce"), ("bytecode_helper_unguarded", None)):
+        j.start(name, LOAD % "acme/tiny-allowed", mode=mode, extra_env={"TMTGUARD_ALLOWLIST": str(allow)},
+                prepare=lambda modules: plant_bytecode(modules, j.fx["allowed"], module="helpers_tiny"))
 
 
 def s_bytecode_prefix(j):
@@ -588,7 +598,7 @@ SCENARIOS = {
     "test_planted_module_next_to_the_copies": [s_planted, s_sibling],
     "test_planted_package_init_above_the_copies": [s_package_init],
     "test_planted_bytecode_of_a_copy_never_runs": [s_bytecode, s_bytecode_unguarded, s_bytecode_prefix,
-                                                    s_bytecode_prefix_unguarded],
+                                                    s_bytecode_prefix_unguarded, s_bytecode_helper],
     "test_import_payload_never_imported": [s_import_payload, s_unguarded],
     "test_allowed_transitive_model_runs_and_is_model_code": [s_allowed],
     "test_pin_output_refuses_moved_code_repo": [s_allowed],
@@ -756,12 +766,12 @@ def test_planted_package_init_above_the_copies(fx, jobs):
 def test_planted_bytecode_of_a_copy_never_runs(fx, jobs):
     """Cached bytecode stamped as up to date with a verified copy is removed before the copy runs, in
     ``__pycache__`` next to it and under ``PYTHONPYCACHEPREFIX``: the verified source runs instead."""
-    for name in ("bytecode", "bytecode_prefix"):
+    for name in ("bytecode", "bytecode_prefix", "bytecode_helper"):
         r = jobs.result(name)
         assert r.out["load"]["ok"], (name, r.out["load"], r.stderr[-2000:])
         assert r.marks == [], name
     # what the removal prevents: unguarded, Python runs the planted bytecode instead of the source
-    for name in ("bytecode_unguarded", "bytecode_prefix_unguarded"):
+    for name in ("bytecode_unguarded", "bytecode_prefix_unguarded", "bytecode_helper_unguarded"):
         u = jobs.result(name)
         assert u.out["load"]["ok"] and u.marks == ["planted bytecode ran"], (name, u.out["load"], u.marks)
 

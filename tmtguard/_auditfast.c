@@ -178,10 +178,12 @@ hook(const char *event, PyObject *args, void *userData)
     if (PyInterpreterState_Get() != main_interp) {
         return 0;
     }
-    if (e->scope != SCOPE_ALWAYS && in_scope(e->scope) == 0) {
+    /* a trusted caller first: one frame's module name, where in_scope may walk the whole stack (typing
+     * evaluating annotations raises dozens of compile and exec events a transformers load) */
+    if (e->callers != NULL && trusted_caller(e) == 1) {
         return 0;
     }
-    if (e->callers != NULL && trusted_caller(e) == 1) {
+    if (e->scope != SCOPE_ALWAYS && in_scope(e->scope) == 0) {
         return 0;
     }
     if (e == reads_entry && read_allowed(args) == 1) {

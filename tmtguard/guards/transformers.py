@@ -453,7 +453,8 @@ def _plan(copy: str, real: str, main: _Record | None, pushed: tuple) -> list:
             _decide(code, digest, outer + (_frame(_code_spec(code, digest)),))
         _decided[rel_real] = rec
         chain = outer + (_frame(_code_spec(rec.code, rec.digest)),)
-        _expect(rel_copy, rel_real, rec, chain)
+        # imported by name (not by path as the copy is): its bytecode is dropped as it is imported
+        _expect(rel_copy, rel_real, rec, chain, drop=False)
         files.append(((rel_copy, _abspath(rel_copy)), rec, rel_real, chain))
     return files
 
@@ -519,10 +520,11 @@ def _relative_import_files(module_file: str) -> list:
         everything.extend(to_check)
 
 
-def _expect(copy: str, real: str, rec: _Record, chain: tuple) -> None:
+def _expect(copy: str, real: str, rec: _Record, chain: tuple, drop: bool = True) -> None:
     """``copy`` (real path ``real``) is to run as ``rec``: Python must compile it from bytes with
-    ``rec``'s digest (checked on its compile event, see compiling). Its cached bytecode is removed,
-    so that Python compiles it (a module body run from bytecode is refused, see module_runs). The
+    ``rec``'s digest (checked on its compile event, see compiling). Its cached bytecode is removed
+    (``drop``; for a relative import, when the import guard sees it imported: see cache_module), so
+    that Python compiles it (a module body run from bytecode is refused, see module_runs). The
     expectation stays: whenever Python compiles the copy again (a relative import made at inference,
     a reload), it is checked again. ``chain``: the chain a refusal names."""
     before = _expected.get(real)
@@ -532,6 +534,8 @@ def _expect(copy: str, real: str, rec: _Record, chain: tuple) -> None:
     folder = os.path.dirname(real)
     if folder not in _cache_folders:
         _cache_folders[folder] = rec
+    if not drop:
+        return
     with provenance.internal():
         problem = _drop_bytecode(copy)
     if problem:
@@ -683,12 +687,20 @@ def _package_file_problem(path: str) -> str | None:
 
 def _drop_bytecode(source: str) -> str | None:
     """Remove the cached bytecode the import system would read for ``source`` (``__pycache__`` next to
-    it, or under ``sys.pycache_prefix``), so that it compiles the source; why it could not, or None."""
+    it, or under ``sys.pycache_prefix``), so that it compiles the source; why it could not, or None.
+    (Usually there is none: one ``lstat``, which raises no audit event, where ``unlink`` raises one.)"""
     try:
-        os.unlink(importlib.util.cache_from_source(source))
+        pyc = importlib.util.cache_from_source(source)
+        os.lstat(pyc)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, NotImplementedError) as exc:
+        return f"cannot remove the cached bytecode of {source}: {exc}"
+    try:
+        os.unlink(pyc)
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, NotImplementedError) as exc:
+    except OSError as exc:
         return f"cannot remove the cached bytecode of {source}: {exc}"
     return None
 
