@@ -1030,7 +1030,8 @@ def test_a_copy_runs_only_as_compiled_from_the_bytes_decided(guard, tmp_path):
     import importlib.util
     from importlib._bootstrap_external import _code_to_timestamp_pyc
 
-    names = ("tmt_copy_decided", "tmt_copy_changed", "tmt_copy_bytecode", "tmt_copy_bytecode_audit")
+    names = ("tmt_copy_decided", "tmt_copy_changed", "tmt_copy_changed_alias", "tmt_copy_bytecode",
+             "tmt_copy_bytecode_audit")
     allow = tmp_path / "allow.yaml"  # the import guard lets these module names run (not model code here)
     allow.write_text("version: 1\nimports:\n  allow: [" + ", ".join(names) + "]\n")
     events = guard(mode="enforce", allowlists=[allow])
@@ -1042,13 +1043,17 @@ def test_a_copy_runs_only_as_compiled_from_the_bytes_decided(guard, tmp_path):
     code = remote_code.CodeFile("org/x", "a" * 40, "modeling_x.py", str(copy), False)
     rec = hfguard._Record(code, hashlib.sha256(source).hexdigest())
 
-    def run(name, before=None):
+    alias = tmp_path / "alias" / "transformers_modules" / "org" / "x" / ("a" * 40) / "modeling_x.py"
+    alias.parent.parent.parent.parent.parent.mkdir()
+    alias.parent.parent.parent.parent.symlink_to(tmp_path / "transformers_modules")  # the cache by another name
+
+    def run(name, before=None, path=copy):
         with hfguard._Pushed(hfguard._code_spec(code, rec.digest)) as chain:
             hfguard._expect(str(copy), real, rec, chain)  # what get_class_in_module's plan does
             if before is not None:
                 with tmtguard.provenance.internal():  # another process, in reality: not this chain's action
                     before()
-            spec = importlib.util.spec_from_file_location(name, copy)
+            spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
@@ -1067,6 +1072,9 @@ def test_a_copy_runs_only_as_compiled_from_the_bytes_decided(guard, tmp_path):
         with pytest.raises(tmtguard.RemoteCodeViolation, match="the copy was modified"):
             run("tmt_copy_changed")
         assert events[-1]["detail"]["copy_sha256"] == hashlib.sha256(b"VALUE = 'changed'\n").hexdigest()
+        with pytest.raises(tmtguard.RemoteCodeViolation, match="the copy was modified"):
+            run("tmt_copy_changed_alias", path=alias)  # the same file through a link: found by its real path
+        assert events[-1]["detail"]["copy"] == str(alias)
         copy.write_bytes(source)
         with pytest.raises(tmtguard.RemoteCodeViolation, match="about to run from cached bytecode"):
             run("tmt_copy_bytecode", plant_bytecode)
@@ -1076,6 +1084,7 @@ def test_a_copy_runs_only_as_compiled_from_the_bytes_decided(guard, tmp_path):
         assert events[-1]["decision"] == "audited" and "cached bytecode" in events[-1]["rule"]
     finally:
         hfguard._expected.pop(real, None)
+        hfguard._expected.pop(str(copy), None)
         hfguard._cache_folders.pop(os.path.dirname(real), None)
 
 

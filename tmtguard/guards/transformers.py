@@ -529,8 +529,10 @@ def _expect(copy: str, real: str, rec: _Record, chain: tuple, drop: bool = True)
     a reload), it is checked again. ``chain``: the chain a refusal names."""
     before = _expected.get(real)
     if before is None or before[0].digest != rec.digest:
-        _compiled.discard(real)  # (not for the same bytes: another thread may be between compile and run)
-    _expected[real] = (rec, chain)
+        # (not for the same bytes: another thread may be between compile and run)
+        _compiled.discard(real)
+        _compiled.discard(copy)
+    _expected[real] = _expected[copy] = (rec, chain)  # by the path Python compiles it under, and its real path
     folder = os.path.dirname(real)
     if folder not in _cache_folders:
         _cache_folders[folder] = rec
@@ -547,10 +549,9 @@ def compiling(filename, source) -> None:
     when it is a modules-cache copy planned to run, its bytes must be those decided. The bytes
     hashed are those Python compiles, so nothing can change the file between the check and the run.
     Refused like a modified copy (``remote_code.load``; enforce raises from ``compile``)."""
-    if not _on or not _expected or not isinstance(filename, str) or not filename.endswith(".py"):
+    if not _on or not isinstance(filename, str):
         return
-    real = provenance.realpath(filename)
-    expected = _expected.get(real)
+    expected = _lookup(filename)
     if expected is None:
         return
     rec, chain = expected
@@ -561,10 +562,19 @@ def compiling(filename, source) -> None:
     else:
         digest = None  # an AST compiled under the copy's name (an import hook rewriting it): unverifiable
     if digest == rec.digest and digest is not None:
-        _compiled.add(real)
+        _compiled.add(filename)
         return
-    _compiled.discard(real)
+    _compiled.discard(filename)
     _tampered(rec.code, rec.digest, filename, digest, chain)
+
+
+def _lookup(filename: str):
+    """The expectation for a file Python compiles or runs: by the path it is named by, else (a
+    modules-cache path under another name: a link, another ``sys.path`` entry) by its real path."""
+    expected = _expected.get(filename)
+    if expected is None and "transformers_modules" in filename and filename.endswith(".py"):
+        expected = _expected.get(provenance.realpath(filename))
+    return expected
 
 
 def module_runs(code) -> None:
@@ -574,12 +584,13 @@ def module_runs(code) -> None:
     if not _on or not _expected:
         return
     filename = code.co_filename
-    if not isinstance(filename, str) or not filename.endswith(".py"):
+    if not isinstance(filename, str):
         return
-    real = provenance.realpath(filename)
-    expected = _expected.get(real)
-    if expected is None or real in _compiled:
-        _compiled.discard(real)
+    if filename in _compiled:
+        _compiled.discard(filename)
+        return
+    expected = _lookup(filename)
+    if expected is None:
         return
     rec, chain = expected
     _refuse(rec.code, rec.digest,
