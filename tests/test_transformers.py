@@ -14,6 +14,7 @@ polices.
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import json
 import os
 import subprocess
@@ -1116,7 +1117,7 @@ def test_a_package_file_must_be_the_empty_file_transformers_creates(tmp_path, pl
 
 
 @pytest.mark.parametrize("folder", ["/m/c/x", "/m/c/x/", "/m//c/x", "m/c", "/", "m", "/m/./c", "/m/../c"])
-@pytest.mark.parametrize("name", ["x.py", "../x.py", "./x.py", "y/x.py", ".", "..", "x..py"])
+@pytest.mark.parametrize("name", ["x.py", "../x.py", "./x.py", "y/x.py", ".", "..", "x..py", ".py", "x.y.py", "x.pyw"])
 def test_the_plan_names_files_as_os_path_would(folder, name):
     """The plan's string shortcuts give os.path's answers: abspath, relpath, dirname + basename, and
     the snapshot-relative name of a relative import (normpath of a join)."""
@@ -1128,6 +1129,8 @@ def test_the_plan_names_files_as_os_path_would(folder, name):
         assert tg._abspath(path) == os.path.abspath(path)
     if tg._clean(path):
         assert os.path.normpath(path) == path
+    # the cached bytecode the plan removes is where the import system would look for it
+    assert tg._pyc_of(path) == importlib.util.cache_from_source(path)
     for inside in ("", "sub", "sub/deeper", "sub/../x", "./sub"):
         plain = tg._plain(name) and (not inside or tg._clean(inside))
         if plain:
@@ -1164,6 +1167,25 @@ def test_the_plan_lists_the_relative_imports_transformers_would(tmp_path, monkey
         assert sorted(hfguard._relative_import_files(path)) == sorted(dmu.get_relative_import_files(path))
     assert sorted(hfguard._relative_import_files(str(folder / "main.py"))) == sorted(
         str(folder / n) for n in ("a.py", "b.py", "shared.py", "c.py", "d.py"))
+    # given the records the copies were decided as: the list for the decided bytes (the memo, by their
+    # digests), without reading the copies: here main.py changes afterwards (such a copy is refused as
+    # it compiles) and the list stays that of the decided bytes
+    import hashlib
+
+    assert getattr(dmu.get_relative_imports, "_tmtguard_original", None) is not None  # the memo is in front
+
+    def decided(name):
+        path = str(folder / name)
+        dmu.get_relative_imports(path)  # what check_imports does with the snapshot file
+        return hfguard._Record(None, hashlib.sha256((folder / name).read_bytes()).hexdigest())
+
+    main = decided("main.py")
+    monkeypatch.setitem(hfguard._fetched, str(folder / "a.py"), decided("a.py"))
+    want = sorted(hfguard._relative_import_files(str(folder / "main.py")))
+    (folder / "main.py").write_text("import torch\n")
+    assert sorted(hfguard._relative_import_files(str(folder / "main.py"), main)) == want
+    assert hfguard._relative_import_files(str(folder / "main.py")) == []  # what reading it says
+    (folder / "main.py").write_text(files["main.py"])
     monkeypatch.chdir(folder)
     assert sorted(hfguard._relative_import_files("main.py")) == sorted(dmu.get_relative_import_files("main.py"))
     calls = []

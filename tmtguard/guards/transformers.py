@@ -111,6 +111,7 @@ _origins: dict = {}  # class returned by get_class_in_module -> _Record of its f
 _expected: dict = {}
 _compiled: set = set()  # real paths compiled from verified bytes whose module body has not run yet
 _cache_folders: dict = {}  # real folder of planned copies -> a _Record of a file in it (its repo, commit, root)
+_relative_memo: dict = {}  # sha256 of a code file -> its relative imports (see _memo_relative_imports)
 
 
 class _Record:
@@ -432,7 +433,7 @@ def _plan(copy: str, real: str, main: _Record | None, pushed: tuple) -> list:
     _expect(copy, real, main, pushed)
     folder = os.path.dirname(copy)
     with provenance.internal():
-        related = _relative_import_files(copy)
+        related = _relative_import_files(copy, main)
     # what transformers' get_relative_import_files(copy) returns, for its module hash right after
     _planned.files = (modpath[0], tuple(related))
     inside = posixpath.dirname(main.code.file)
@@ -493,11 +494,14 @@ def _relative_name(path: str, folder: str) -> str:
     return os.path.relpath(path, folder).replace(os.sep, "/")
 
 
-def _relative_import_files(module_file: str) -> list:
+def _relative_import_files(module_file: str, main: _Record | None = None) -> list:
     """transformers' get_relative_import_files(module_file), the same list, built with string joins
     instead of pathlib when every relative import is a plain name (``str(Path(parent) / m)`` is then
     ``parent + "/" + m``); otherwise transformers' own function. Each file's imports come from
-    get_relative_imports (memoized per sha256 by _memo_relative_imports)."""
+    get_relative_imports (memoized per sha256 by _memo_relative_imports). ``main``: the record the
+    copy ``module_file`` was decided as: a copy is expected to hold its snapshot file's bytes (checked
+    as it compiles), so a copy get_cached_module_file returned is looked up in the memo by the digest
+    decided for it, without reading or even stat'ing it (the answer for the bytes that will run)."""
     dmu = sys.modules[DMU]
     get = getattr(dmu, "get_relative_imports", None)
     if get is None:
@@ -506,10 +510,13 @@ def _relative_import_files(module_file: str) -> list:
     prefix = head + "/" if head else sep  # "a/" for a/x.py, "/" for /x.py, "" for x.py (Path's parent ".")
     everything: list = []
     to_check = [module_file]
+    memoized = getattr(get, "_tmtguard_original", None) is not None  # our memo stands in front of it
     while True:
         found = []
         for f in to_check:
-            found.extend(get(f))
+            rec = (main if f is module_file else _fetched.get(f)) if memoized else None
+            hit = _relative_memo.get(rec.digest) if rec is not None and rec.digest else None
+            found.extend(hit if hit is not None else get(f))
         for m in found:
             if not m or m == "." or "/" in m:  # Path would drop or re-root the component
                 return dmu.get_relative_import_files(module_file)
@@ -701,7 +708,7 @@ def _drop_bytecode(source: str) -> str | None:
     it, or under ``sys.pycache_prefix``), so that it compiles the source; why it could not, or None.
     (Usually there is none: one ``lstat``, which raises no audit event, where ``unlink`` raises one.)"""
     try:
-        pyc = importlib.util.cache_from_source(source)
+        pyc = _pyc_of(source)
         os.lstat(pyc)
     except FileNotFoundError:
         return None
@@ -714,6 +721,18 @@ def _drop_bytecode(source: str) -> str | None:
     except OSError as exc:
         return f"cannot remove the cached bytecode of {source}: {exc}"
     return None
+
+
+def _pyc_of(source: str) -> str:
+    """importlib.util.cache_from_source(source), by string joins in the usual case (no
+    PYTHONPYCACHEPREFIX, no -O, a clean absolute ``x.py``)."""
+    tag = sys.implementation.cache_tag
+    if sys.pycache_prefix is None and not sys.flags.optimize and tag and source.endswith(".py") and _clean(source) \
+            and source.startswith("/"):
+        head, _, name = source.rpartition("/")
+        if head and name != ".py":
+            return f"{head}/__pycache__/{name[:-3]}.{tag}.pyc"
+    return importlib.util.cache_from_source(source)
 
 
 def _get_class_from_dynamic_module(original):
@@ -1016,7 +1035,7 @@ def _memo_relative_imports(original):
     kept per sha256 (provenance.file_digest, which the guard computes for every code file anyway and
     keeps per device, inode, size and mtime), so the copy of a snapshot file is not scanned again and
     a changed file is. An answer is kept only if the file had the same digest after the scan."""
-    memo: dict = {}
+    memo = _relative_memo
 
     @functools.wraps(original)
     def get_relative_imports(module_file):
