@@ -106,10 +106,11 @@ _decided: dict = {}  # real path of a modules-cache copy -> _Record it was decid
 _fetched: dict = {}  # a copy's path, as get_cached_module_file returned it -> _Record it was decided as
 _planned = threading.local()  # files: (copy, its relative-import files) while get_class_in_module runs it
 _origins: dict = {}  # class returned by get_class_in_module -> _Record of its file
-# real path of a modules-cache copy planned to run -> (_Record its bytes must match, chain to refuse with):
-# checked on the copy's compile event, each time Python compiles it (see compiling / module_runs)
+# a modules-cache copy planned to run, by its path and by its real path -> (_Record its bytes must match,
+# chain to refuse with): checked on the copy's compile event, each time Python compiles it (see
+# compiling / module_runs)
 _expected: dict = {}
-_compiled: set = set()  # real paths compiled from verified bytes whose module body has not run yet
+_compiled: set = set()  # copies (as Python named them) compiled from verified bytes whose module body has not run yet
 _cache_folders: dict = {}  # real folder of planned copies -> a _Record of a file in it (its repo, commit, root)
 _relative_memo: dict = {}  # sha256 of a code file -> its relative imports (see _memo_relative_imports)
 
