@@ -135,7 +135,7 @@ def test_model_code_naming_itself_typing_still_has_what_it_executes_adopted(guar
 
 
 def test_own_reads_match_the_os_functions(tmp_path):
-    """read_file and listdir (tmtguard's own reads, without audit events) return what os returns."""
+    """read_file (tmtguard's own reads, without audit events) returns what os returns."""
     fast = pytest.importorskip("tmtguard._auditfast")
     if not hasattr(fast, "read_file"):
         pytest.skip("the Python hook is in use (TMTG_TEST_AUDIT_HOOK=python)")
@@ -152,8 +152,5 @@ def test_own_reads_match_the_os_functions(tmp_path):
         assert data == path.read_bytes()
     assert fast.read_file(str(small), 100) is None  # at or over the limit: the caller reads it in blocks
     assert fast.read_file(str(tmp_path / "sub"), 1 << 20) is None  # not a regular file
-    assert sorted(fast.listdir(str(tmp_path))) == sorted(os.listdir(tmp_path))
-    assert fast.listdir(str(tmp_path), "sma") == ["small.py"] and fast.listdir(str(tmp_path), "zz") == []
-    for call in (lambda: fast.read_file(str(tmp_path / "missing"), 10), lambda: fast.listdir(str(tmp_path / "missing"))):
-        with pytest.raises(FileNotFoundError):
-            call()
+    with pytest.raises(FileNotFoundError):
+        fast.read_file(str(tmp_path / "missing"), 10)

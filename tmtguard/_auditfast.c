@@ -23,7 +23,6 @@
 #include <sys/stat.h>
 #include <fcntl.h>
 #include <unistd.h>
-#include <dirent.h>
 #include <errno.h>
 
 #define UNUSED(x) (void)(x)
@@ -980,10 +979,9 @@ fast_stat_key(PyObject *module, PyObject *arg)
 
 /* read_file(path, limit) -> (stat_key, bytes) of a regular file smaller than ``limit`` bytes, read
  * with open(2), fstat(2), read(2) and close(2); None when it is larger (the caller reads it in
- * blocks). listdir(path) -> [names], as os.listdir. Both for tmtguard's own reads (hashing a code
- * file, listing the modules cache): os.open and os.listdir raise audit events, and inside a guarded
- * load each one is a call into the guards' Python handlers, which then stand aside. OSError as the os
- * functions raise it. */
+ * blocks). For tmtguard's own reads (hashing a code file): os.open raises an audit event, and inside
+ * a guarded load each one is a call into the guards' Python handlers, which then stand aside. OSError
+ * as the os functions raise it. */
 static PyObject *
 fast_read_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1083,83 +1081,6 @@ fast_read_file(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     return Py_BuildValue("(NN)", key, data);
-}
-
-static PyObject *
-fast_listdir(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    UNUSED(module);
-    if (nargs != 1 && nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "listdir(path[, prefix])");
-        return NULL;
-    }
-    PyObject *arg = args[0];
-    const char *prefix = NULL;
-    size_t plen = 0;
-    if (nargs == 2 && args[1] != Py_None) {
-        Py_ssize_t len;
-        prefix = PyUnicode_Check(args[1]) ? PyUnicode_AsUTF8AndSize(args[1], &len) : NULL;
-        if (prefix == NULL) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_TypeError, "listdir: prefix must be a str or None");
-            }
-            return NULL;
-        }
-        plen = (size_t)len;
-    }
-    PyObject *bytes = NULL;
-    if (!PyUnicode_FSConverter(arg, &bytes)) {
-        return NULL;
-    }
-    DIR *d;
-    Py_BEGIN_ALLOW_THREADS
-    d = opendir(PyBytes_AS_STRING(bytes));
-    Py_END_ALLOW_THREADS
-    if (d == NULL) {
-        PyObject *r = PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
-        Py_DECREF(bytes);
-        return r;
-    }
-    Py_DECREF(bytes);
-    PyObject *names = PyList_New(0);
-    if (names == NULL) {
-        closedir(d);
-        return NULL;
-    }
-    for (;;) {
-        struct dirent *ent;
-        errno = 0;
-        Py_BEGIN_ALLOW_THREADS
-        ent = readdir(d);
-        Py_END_ALLOW_THREADS
-        if (ent == NULL) {
-            if (errno != 0) {
-                int err = errno;
-                closedir(d);
-                Py_DECREF(names);
-                errno = err;
-                return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
-            }
-            break;
-        }
-        const char *n = ent->d_name;
-        if (n[0] == '.' && (n[1] == '\0' || (n[1] == '.' && n[2] == '\0'))) {
-            continue;
-        }
-        if (prefix != NULL && strncmp(n, prefix, plen) != 0) {
-            continue;   /* not decoded: a folder of many entries costs little when few are wanted */
-        }
-        PyObject *name = PyUnicode_DecodeFSDefault(n);
-        if (name == NULL || PyList_Append(names, name) < 0) {
-            Py_XDECREF(name);
-            closedir(d);
-            Py_DECREF(names);
-            return NULL;
-        }
-        Py_DECREF(name);
-    }
-    closedir(d);
-    return names;
 }
 
 /* --- stack walks ----------------------------------------------------------------------------------
@@ -1692,8 +1613,6 @@ static PyMethodDef methods[] = {
      "code_of(frame) -> frame.f_code (no audit event)"},
     {"read_file", (PyCFunction)(void (*)(void))fast_read_file, METH_FASTCALL,
      "read_file(path, limit) -> (stat_key, bytes) of a regular file under limit bytes, or None (no audit event)"},
-    {"listdir", (PyCFunction)(void (*)(void))fast_listdir, METH_FASTCALL,
-     "listdir(path[, prefix]) -> os.listdir(path), only the names starting with prefix (no audit event)"},
     {"getframe", (PyCFunction)fast_getframe, METH_O,
      "getframe(depth) -> sys._getframe(depth), or None when the stack is not that deep (no audit event)"},
     {"model_frame", (PyCFunction)(void (*)(void))fast_model_frame, METH_FASTCALL,

@@ -26,11 +26,3 @@ pickle_py_Unpickler = pickle._Unpickler
 c_load = _pickle.load
 c_loads = _pickle.loads
 c_Unpickler = _pickle.Unpickler
-
-try:  # tmtguard's own directory listings without os.listdir's audit event (a call into the file guard
-    # inside a load, which stands aside for tmtguard's own work anyway): listdir(path[, prefix])
-    from ._auditfast import listdir
-except ImportError:
-    def listdir(path, prefix=None):
-        names = os.listdir(path)
-        return names if prefix is None else [n for n in names if n.startswith(prefix)]
