@@ -432,10 +432,26 @@ def s_import_payload(j):
 
 ALLOWED = r"""
 import socket
+from opentelemetry import trace as otel
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exported = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exported))
+otel.set_tracer_provider(provider)  # the application's: tmtguard's load spans go there
+
+def load_spans():  # (loader, artifact, depth, the parent span's artifact) of each load span
+    by_id = {s.context.span_id: s for s in exported.get_finished_spans() if s.name == "tmtguard.load"}
+    parent = lambda s: by_id[s.parent.span_id].attributes["tmtguard.artifact"] if s.parent and s.parent.span_id in by_id else None
+    return sorted({(s.attributes["tmtguard.loader"], s.attributes["tmtguard.artifact"], s.attributes["tmtguard.depth"],
+                    parent(s)) for s in by_id.values()}, key=repr)
+
 def load_and_run():
     m = AutoModel.from_pretrained("acme/tiny-allowed", trust_remote_code=True)
     return {"module": type(m).__module__, "y": m(X).tolist(), "helper": m.helper_marker}
 attempt("first", load_and_run)
+attempt("spans", load_spans)
 attempt("second", load_and_run)   # the class is registered now: served by the registry, same code
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
 os.environ["TMT_CONNECT_PORT"] = str(srv.getsockname()[1])
@@ -809,6 +825,13 @@ def test_allowed_transitive_model_runs_and_is_model_code(fx, jobs):
     assert chain_of(net) == [("from_pretrained", f"acme/tiny-allowed@{info['commit']}"),
                              ("remote_code", f"other/code-ok@{info['code_commit']}/modeling_tiny.py")]
     assert net["origin"]["file"].endswith(hf.hub_module_relpath("other/code-ok", info["code_commit"], "modeling_tiny"))
+    # each step of the load is a span of the application's provider: the model, the code file inside it
+    model = f"acme/tiny-allowed@{info['commit']}"
+    code = [f"other/code-ok@{info['code_commit']}/{f}" for f in ("configuration_tiny.py", "modeling_tiny.py")]
+    assert r.out["spans"]["ok"], r.out["spans"]
+    spans = {tuple(s) for s in r.out["spans"]["value"]}
+    assert ("from_pretrained", model, 1, None) in spans
+    assert {("remote_code", c, 2, model) for c in code} <= spans, spans
     # the plan's list of relative-import files, handed to transformers' module hash, is transformers' own
     assert r.out["module_hash"] == {"ok": True, "value": {"files": 3, "same": True, "shortcut": True}}
 

@@ -366,10 +366,13 @@ def push_many(specs, entry) -> tuple:
     stack for the whole load (a ``with`` block's frame, not its ``__enter__``'s)."""
     c = chain()
     frames = []
+    spans = True
     for loader, label, path, repo, revision, sha256 in specs:
         frame = LoadFrame(loader, label, path=path, repo=repo, revision=revision, container=True, sha256=sha256)
         frame.entry = entry
-        telemetry.start_load(frame, c)
+        if spans:
+            telemetry.start_load(frame, c)
+            spans = frame.span is not None  # none for the first (no tracer, no provider): none for the rest
         c = c + (frame,)
         frames.append(frame)
     return frames, _CHAIN.set(c)
@@ -380,7 +383,8 @@ def pop_many(frames, token, error: BaseException | None = None) -> None:
     _CHAIN.reset(token)
     for frame in reversed(frames):
         frame.entry = None
-        telemetry.end_load(frame, error)
+        if frame.span is not None:
+            telemetry.end_load(frame, error)
 
 
 def call_in_frame(frame: LoadFrame, token, fn, *args, **kwargs):

@@ -47,8 +47,10 @@ _PICKLE_GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pickle
 def _on_compile(args):
     if not _chain() and not _model_code and not _wide.on:
         return
-    if _remote._expected:  # a copy of remote code about to run: its bytes are checked as they compile
-        _remote.compiling(args[1], args[0])
+    # a copy of remote code about to run: its bytes are checked as they compile; the import machinery
+    # compiling the bytes decided is the import, which the import guard decides (nothing to check here)
+    if _remote._expected and _remote.compiling(args[1], args[0]) and _scope.in_import_machinery(_getframe(2)):
+        return
     try:  # a code generator every chain may use (typing, dataclasses) calling compile() itself
         f = _getframe(2)  # 0 here, 1 the audit hook's frame, 2 the caller of compile()
         if f.f_globals.get("__name__") in _policy.code_exact and not _code_of(f).co_filename.startswith(_OWN_DIR):

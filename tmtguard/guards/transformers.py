@@ -128,7 +128,7 @@ class _Load:
     code may run (the head of the chain), resolved only when remote code is involved."""
 
     __slots__ = ("loader", "name", "revision", "cache_dir", "label", "path", "repo", "commit", "resolved",
-                 "ref_read", "delivered", "checked")
+                 "ref_read", "delivered", "checked", "spec")
 
     def __init__(self, loader, name, revision, cache_dir):
         self.loader = loader
@@ -136,7 +136,7 @@ class _Load:
         self.revision = revision
         self.cache_dir = cache_dir
         self.resolved = self.ref_read = False
-        self.label = self.path = self.repo = self.commit = None
+        self.label = self.path = self.repo = self.commit = self.spec = None
         self.delivered = set()  # classes the dynamic path handed this load
         self.checked = set()  # registry-served classes already decided for this load
 
@@ -220,11 +220,17 @@ def _resolve(load: _Load, code=None) -> None:
 
 
 def _head_spec(load: _Load | None, code=None):
+    """The load's frame, as push_many takes it; final (and kept) once the load is a folder or its
+    commit is known (_hub_commit reads the ref as tmtguard's own work)."""
     if load is None:
         return None
-    with provenance.internal():
-        _resolve(load, code)
-    return (load.loader, load.label, load.path, load.repo, load.commit, None)
+    if load.spec is not None:
+        return load.spec
+    _resolve(load, code)
+    spec = (load.loader, load.label, load.path, load.repo, load.commit, None)
+    if load.commit is not None or load.repo is None:
+        load.spec = spec
+    return spec
 
 
 def _code_spec(code, digest):
@@ -552,16 +558,17 @@ def _expect(copy: str, real: str, rec: _Record, chain: tuple, drop: bool = True)
         _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}", chain, detail={"copy": copy})
 
 
-def compiling(filename, source) -> None:
+def compiling(filename, source) -> bool:
     """The compile event of a source file the code guard sees (a guarded load or model code acting):
     when it is a modules-cache copy planned to run, its bytes must be those decided. The bytes
     hashed are those Python compiles, so nothing can change the file between the check and the run.
-    Refused like a modified copy (``remote_code.load``; enforce raises from ``compile``)."""
+    Refused like a modified copy (``remote_code.load``; enforce raises from ``compile``). True when
+    the bytes are those decided."""
     if not _on or not isinstance(filename, str):
-        return
+        return False
     expected = _lookup(filename)
     if expected is None:
-        return
+        return False
     rec, chain = expected
     if isinstance(source, str):
         source = source.encode("utf-8")
@@ -571,9 +578,10 @@ def compiling(filename, source) -> None:
         digest = None  # an AST compiled under the copy's name (an import hook rewriting it): unverifiable
     if digest == rec.digest and digest is not None:
         _compiled.add(filename)
-        return
+        return True
     _compiled.discard(filename)
     _tampered(rec.code, rec.digest, filename, digest, chain)
+    return False
 
 
 def _lookup(filename: str):
