@@ -1072,8 +1072,9 @@ def test_a_copy_runs_only_as_compiled_from_the_bytes_decided(guard, tmp_path):
     alias.parent.parent.parent.parent.symlink_to(tmp_path / "transformers_modules")  # the cache by another name
 
     def run(name, before=None, path=copy):
-        with hfguard._Pushed(hfguard._code_spec(code, rec.digest)) as chain:
-            hfguard._expect(str(copy), real, rec, chain)  # what get_class_in_module's plan does
+        frames, token = hfguard._push(None, hfguard._code_spec(code, rec.digest))
+        try:
+            hfguard._expect(str(copy), real, rec, tmtguard.provenance.peek())  # what get_class_in_module's plan does
             if before is not None:
                 with tmtguard.provenance.internal():  # another process, in reality: not this chain's action
                     before()
@@ -1081,6 +1082,8 @@ def test_a_copy_runs_only_as_compiled_from_the_bytes_decided(guard, tmp_path):
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
+        finally:
+            tmtguard.provenance.pop_many(frames, token)
 
     planted = compile("VALUE = 'planted bytecode'\n", str(copy), "exec")  # (no chain acting: not checked)
 

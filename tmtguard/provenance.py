@@ -566,7 +566,7 @@ def register_model_code(filename: str, chain: tuple, real: str | None = None) ->
         if real != filename:
             _model_code[real] = chain
         folder = os.path.dirname(real)
-        if (known or os.path.isfile(real)) and not _installation_path(folder):
+        if folder + os.sep not in _model_folders and (known or os.path.isfile(real)) and not _installation_path(folder):
             register_model_folder(folder, chain, resolved=True)
 
 

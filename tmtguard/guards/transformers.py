@@ -242,24 +242,11 @@ def _frame(spec) -> provenance.LoadFrame:
     return provenance.LoadFrame(loader, label, path=path, repo=repo, revision=revision, container=True, sha256=digest)
 
 
-class _Pushed:
-    """Push frames (outermost first) for the duration of a block; pops them with the block's error."""
-
-    __slots__ = ("specs", "held")
-
-    def __init__(self, *specs):
-        self.specs = [s for s in specs if s is not None]
-        self.held = None
-
-    def __enter__(self):
-        # the entry is the frame running the with block, which stays on the stack while the frames do
-        self.held = provenance.push_many(self.specs, provenance.frame_at(1))
-        return provenance.peek()
-
-    def __exit__(self, exc_type, exc, tb):
-        frames, token = self.held
-        provenance.pop_many(frames, token, exc)
-        return False
+def _push(head, spec):
+    """Push the load's frame (if any) and a code file's, for as long as the calling function runs (its
+    frame is their entry); (frames, token) for provenance.pop_many. The callers pop in ``finally``
+    (with the error, if any), inline: no context manager's frames on every code file."""
+    return provenance.push_many((head, spec) if head is not None else (spec,), provenance.frame_at(1))
 
 
 # --- decisions ---------------------------------------------------------------------------------------
@@ -337,11 +324,17 @@ def _check_imports(original):
         except Exception as exc:
             decision.failed(ACTION, str(filename), exc)
             return original(filename)
-        with _Pushed(head, _code_spec(code, digest)) as chain:
-            _decide(code, digest, chain)
+        frames, token = _push(head, _code_spec(code, digest))
+        try:
+            _decide(code, digest, provenance.peek())
             if req is not None:
                 req.record = _Record(code, digest)
-            return original(filename)
+            result = original(filename)
+        except BaseException as exc:
+            provenance.pop_many(frames, token, exc)
+            raise
+        provenance.pop_many(frames, token)
+        return result
 
     return check_imports
 
@@ -394,23 +387,27 @@ def _get_class_in_module(original):
         head = _head_spec(load, main.code if main else None)
         spec = _code_spec(main.code, main.digest) if main else ("remote_code", copy, copy, None, None, None)
         # one push of the model and the file that runs; the plan's own chains end at the model
-        with _Pushed(head, spec) as pushed:
+        frames, token = _push(head, spec)
+        try:
             try:
-                try:
-                    files = _plan(copy, real, main, pushed)
-                except decision.Violation:
-                    raise
-                except Exception as exc:
-                    decision.failed(ACTION, copy, exc)
-                    files = []
-                for name, rec, file_real, chain in files:
-                    # the real path was resolved in _plan (the bytes are checked as Python compiles them)
-                    verified = file_real if rec.digest is not None else None
-                    for alias in dict.fromkeys(name):  # the names it runs under, once each
-                        provenance.register_model_code(alias, chain, verified)
-                cls = original(class_name, module_path, *args, **kwargs)
-            finally:
-                _planned.files = None  # the plan's list serves this call only, whatever way it ends
+                files = _plan(copy, real, main, provenance.peek())
+            except decision.Violation:
+                raise
+            except Exception as exc:
+                decision.failed(ACTION, copy, exc)
+                files = []
+            for name, rec, file_real, chain in files:
+                # the real path was resolved in _plan (the bytes are checked as Python compiles them)
+                verified = file_real if rec.digest is not None else None
+                for alias in dict.fromkeys(name):  # the names it runs under, once each
+                    provenance.register_model_code(alias, chain, verified)
+            cls = original(class_name, module_path, *args, **kwargs)
+        except BaseException as exc:
+            _planned.files = None  # the plan's list serves this call only, whatever way it ends
+            provenance.pop_many(frames, token, exc)
+            raise
+        _planned.files = None
+        provenance.pop_many(frames, token)
         if main is not None and isinstance(cls, type):
             _origins[cls] = main
         if load is not None:
@@ -552,8 +549,7 @@ def _expect(copy: str, real: str, rec: _Record, chain: tuple, drop: bool = True)
         _cache_folders[folder] = rec
     if not drop:
         return
-    with provenance.internal():
-        problem = _drop_bytecode(copy)
+    problem = _drop_bytecode(copy)
     if problem:
         _refuse(rec.code, rec.digest, f"the modules cache was modified: {problem}", chain, detail={"copy": copy})
 
@@ -724,7 +720,8 @@ def _drop_bytecode(source: str) -> str | None:
     except (OSError, ValueError, NotImplementedError) as exc:
         return f"cannot remove the cached bytecode of {source}: {exc}"
     try:
-        os.unlink(pyc)
+        with provenance.internal():  # unlink raises an audit event (lstat raises none)
+            os.unlink(pyc)
     except FileNotFoundError:
         pass
     except OSError as exc:
