@@ -100,3 +100,28 @@ def test_file_digest_of_a_fifo_is_none_without_waiting_for_a_writer(tmp_path, mo
     t.join(10)
     assert not t.is_alive(), "file_digest blocked on a FIFO"
     assert got == [None]
+
+
+def test_the_path_caches_stay_out_of_the_young_generation(tmp_path):
+    """The real-path folder cache (C) and the digest cache hold only atomic keys and values, which
+    the cyclic collector untracks; a new entry must not track the whole cache again as a new object,
+    or every young collection walks all of it once per model load (each load adds files and folders)."""
+    pytest.importorskip("tmtguard._auditfast")
+    import gc
+
+    files = []
+    for i in range(300):
+        folder = tmp_path / f"d{i}"
+        folder.mkdir()
+        (folder / "f.py").write_text(f"x = {i}\n")
+        files.append(str(folder / "f.py"))
+    gc.collect()
+    gc.disable()  # no automatic collection in between: what the next one would find young
+    try:
+        for f in files:
+            assert provenance.realpath(f) == os.path.realpath(f)
+            assert provenance.file_digest(f) == hashlib.sha256(open(f, "rb").read()).hexdigest()
+        big = [(type(o).__name__, len(o)) for o in gc.get_objects(0) if isinstance(o, (dict, list, set)) and len(o) >= 300]
+    finally:
+        gc.enable()
+    assert big == []
