@@ -199,7 +199,7 @@ def render(rows: list, meta: dict) -> str:
     split_rows_ = [r for r in rows if r.get("cpu_split")]
     if split_rows_:
         out += ["", "**CPU time measured directly.** User and system CPU per repetition (getrusage, normal runs "
-                f"without valgrind, {SPLIT_ROUNDS} rounds, each one process per configuration run back to back, "
+                "without valgrind; rounds as the table says, each one process per configuration run back to back, "
                 "the order alternating). *Implied*: the CPU-time ratio the instruction ratio implies when the "
                 "guard adds no kernel work (its extra user-space instructions at the unguarded run's "
                 "user-space speed, over user + system time); a connect qualifies (strace: the same system "
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
             rows[name][key] = res
 
     log("CPU split (user / system) of the syscall-bound workloads, normal runs ...")
-    splits = split_rows(names, mods, params_of)
+    splits = split_rows(names, mods, params_of, a.split_rounds)
 
     out_rows = []
     for name in names:
