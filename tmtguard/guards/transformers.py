@@ -244,8 +244,8 @@ def _frame(spec) -> provenance.LoadFrame:
 
 def _push(head, spec):
     """Push the load's frame (if any) and a code file's, for as long as the calling function runs (its
-    frame is their entry); (frames, token) for provenance.pop_many. The callers pop in ``finally``
-    (with the error, if any), inline: no context manager's frames on every code file."""
+    frame is their entry); (frames, token) for provenance.pop_many. The callers pop them however they
+    end (with the error, if any), inline: no context manager's frames on every code file."""
     return provenance.push_many((head, spec) if head is not None else (spec,), provenance.frame_at(1))
 
 
