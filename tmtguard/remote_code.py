@@ -157,19 +157,6 @@ def index_by_repo(rules) -> dict:
     return index
 
 
-_pinned_by_rule: dict = {}  # id(rule) -> (rule, {normalized file name: sha256})
-
-
-def _pinned(rule) -> dict:
-    """The files ``rule`` pins, by normalized name: built once per rule."""
-    held = _pinned_by_rule.get(id(rule))
-    if held is None or held[0] is not rule:
-        if len(_pinned_by_rule) >= 4096:  # rules of earlier policies (a reload makes new ones)
-            _pinned_by_rule.clear()
-        held = _pinned_by_rule[id(rule)] = (rule, {posixpath.normpath(n): d for n, d in rule.files})
-    return held[1]
-
-
 def match(rules, code: CodeFile, digest: str | None, by_repo: dict | None = None):
     """(Source, "") of the rule permitting ``code`` with ``digest``, else (None, why not).
     ``by_repo``: :func:`index_by_repo` of ``rules`` (hub repos are then a dict lookup; local folders,
@@ -189,7 +176,7 @@ def match(rules, code: CodeFile, digest: str | None, by_repo: dict | None = None
     for rule in at:
         if not rule.files:
             return rule.source, ""
-        pinned = _pinned(rule).get(code.file)
+        pinned = rule.pinned.get(code.file)
         if pinned is None:
             reasons.append(f"the entry for {code.repo}@{code.revision} ({rule.source}) lists "
                            f"{', '.join(n for n, _ in rule.files)}, not {code.file}")

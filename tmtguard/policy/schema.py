@@ -7,6 +7,7 @@ object: an allowlist is data and nothing else.
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 from dataclasses import dataclass, field
 
@@ -99,6 +100,11 @@ class RemoteCodeRule:
     revision: str
     files: tuple[tuple[str, str], ...]  # (file name, lower-case hex sha256)
     source: Source
+    # {normalized file name: sha256}, what a code file is matched against (built once, not per match)
+    pinned: dict = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "pinned", {posixpath.normpath(n): d for n, d in self.files})
 
 
 @dataclass
